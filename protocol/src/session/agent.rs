@@ -1,0 +1,437 @@
+//! The agent end of a control channel.
+//!
+//! ```text
+//! AgentHandshake --Welcome--> AgentLink (idle)
+//!   idle      --StartSync-->          awaiting ready   (shell inspects its maps)
+//!   awaiting  --send_ready-->         indexing (slots that need the base index)
+//!   indexing  --IndexEnd for each-->  streaming
+//!   streaming --send_disk_end, all--> draining (waiting for Committed)
+//!   any       --SessionEnd-->         idle
+//! ```
+
+use crate::digest::Digest;
+use crate::encoding::Encoding;
+use crate::frame::{begin_frame, finish_frame};
+use crate::message::{
+    kind, Committed, DiskEnd, ErrorMsg, Hello, IndexChunk, Inventory, Message, StartSync,
+    SyncReady, PROTOCOL_VERSION,
+};
+use crate::session::ProtocolError;
+use crate::wire::Writer;
+
+/// The agent before the controller has answered its `Hello`.
+pub struct AgentHandshake {
+    _sent: (),
+}
+
+impl AgentHandshake {
+    /// Starts a handshake: returns the state and the `Hello` frame to send.
+    pub fn start(software: &str) -> (AgentHandshake, Vec<u8>) {
+        let hello = Message::Hello(Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            software: software.to_owned(),
+        });
+        (AgentHandshake { _sent: () }, hello.to_frame())
+    }
+
+    /// Takes the controller's answer. Only a `Welcome` with a version we
+    /// speak establishes the link.
+    pub fn on_message(self, msg: Message) -> Result<AgentLink, ProtocolError> {
+        match msg {
+            Message::Welcome(w) if w.version == PROTOCOL_VERSION => Ok(AgentLink {
+                version: w.version,
+                agent_id: w.agent_id,
+                controller: w.controller,
+                session: None,
+                out: Vec::new(),
+            }),
+            Message::Welcome(w) => Err(ProtocolError::NoCommonVersion {
+                ours_min: PROTOCOL_VERSION,
+                ours_max: PROTOCOL_VERSION,
+                theirs_min: w.version,
+                theirs_max: w.version,
+            }),
+            Message::Error(e) => Err(ProtocolError::Peer {
+                code: e.code,
+                message: e.message,
+            }),
+            other => Err(ProtocolError::Unexpected {
+                got: other.name(),
+                state: "waiting for Welcome",
+            }),
+        }
+    }
+}
+
+/// What the agent's shell must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The controller asks for a sync; answer with [`AgentLink::send_ready`].
+    SyncRequested(StartSync),
+    /// Part of a base index for a slot.
+    IndexChunk(IndexChunk),
+    /// The base index of a slot is complete.
+    IndexComplete {
+        /// Slot.
+        slot: u16,
+    },
+    /// Every block of the slot before `next_block` is durably stored.
+    Acked {
+        /// Slot.
+        slot: u16,
+        /// Resume position.
+        next_block: u64,
+    },
+    /// A slot's point is committed: the block map may advance.
+    Committed(Committed),
+    /// The session is over.
+    SessionEnded {
+        /// Session id.
+        session: u64,
+    },
+    /// The controller reports a problem.
+    PeerError(ErrorMsg),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitingReady,
+    Indexing,
+    Streaming,
+    Draining,
+}
+
+#[derive(Debug, Clone)]
+struct SlotState {
+    needs_index: bool,
+    index_done: bool,
+    next_block: u64,
+    block_count: u64,
+    ended: bool,
+    committed: bool,
+}
+
+#[derive(Debug, Clone)]
+struct SyncState {
+    session: u64,
+    phase: Phase,
+    slots: Vec<SlotState>,
+    resume: Vec<u64>,
+}
+
+/// An established control channel, agent side.
+pub struct AgentLink {
+    version: u16,
+    agent_id: String,
+    controller: String,
+    session: Option<SyncState>,
+    out: Vec<u8>,
+}
+
+impl AgentLink {
+    /// Negotiated protocol version.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+    /// Our id as the controller knows it (from our certificate).
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+    /// Controller software, for logs.
+    pub fn controller(&self) -> &str {
+        &self.controller
+    }
+    /// Id of the session in progress, if any.
+    pub fn session(&self) -> Option<u64> {
+        self.session.as_ref().map(|s| s.session)
+    }
+
+    /// Bytes queued for the controller.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Whether bytes are queued.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Takes one message from the controller.
+    pub fn handle(&mut self, msg: Message) -> Result<Option<AgentEvent>, ProtocolError> {
+        match msg {
+            Message::Heartbeat { seq } => {
+                Message::HeartbeatAck { seq }.encode(&mut self.out);
+                Ok(None)
+            }
+            Message::HeartbeatAck { .. } => Ok(None),
+            Message::Error(e) => {
+                if e.fatal || self.session() == Some(e.session) {
+                    self.session = None;
+                }
+                Ok(Some(AgentEvent::PeerError(e)))
+            }
+            Message::StartSync(s) => {
+                if self.session.is_some() {
+                    return Err(ProtocolError::Unexpected {
+                        got: "StartSync",
+                        state: "a session is already running",
+                    });
+                }
+                if s.disks.is_empty() {
+                    return Err(ProtocolError::Inconsistent(
+                        "StartSync names no disk".into(),
+                    ));
+                }
+                self.session = Some(SyncState {
+                    session: s.session,
+                    phase: Phase::AwaitingReady,
+                    slots: Vec::new(),
+                    resume: s.disks.iter().map(|d| d.resume_from).collect(),
+                });
+                Ok(Some(AgentEvent::SyncRequested(s)))
+            }
+            Message::IndexChunk(c) => {
+                let st = self.slot_mut(c.slot, "IndexChunk")?;
+                if !st.needs_index || st.index_done {
+                    return Err(ProtocolError::Unexpected {
+                        got: "IndexChunk",
+                        state: "slot did not ask for an index",
+                    });
+                }
+                Ok(Some(AgentEvent::IndexChunk(c)))
+            }
+            Message::IndexEnd { slot } => {
+                let st = self.slot_mut(slot, "IndexEnd")?;
+                if !st.needs_index || st.index_done {
+                    return Err(ProtocolError::Unexpected {
+                        got: "IndexEnd",
+                        state: "slot did not ask for an index",
+                    });
+                }
+                st.index_done = true;
+                self.maybe_start_streaming();
+                Ok(Some(AgentEvent::IndexComplete { slot }))
+            }
+            Message::Ack { slot, next_block } => {
+                let st = self.slot_mut(slot, "Ack")?;
+                if next_block > st.next_block {
+                    return Err(ProtocolError::BadBlock {
+                        slot,
+                        block: next_block,
+                        why: "acknowledged past what was sent",
+                    });
+                }
+                Ok(Some(AgentEvent::Acked { slot, next_block }))
+            }
+            Message::Committed(c) => {
+                let st = self.slot_mut(c.slot, "Committed")?;
+                if !st.ended || st.committed {
+                    return Err(ProtocolError::Unexpected {
+                        got: "Committed",
+                        state: "slot not ended or already committed",
+                    });
+                }
+                st.committed = true;
+                Ok(Some(AgentEvent::Committed(c)))
+            }
+            Message::SessionEnd { session } => match &self.session {
+                Some(s) if s.session == session => {
+                    self.session = None;
+                    Ok(Some(AgentEvent::SessionEnded { session }))
+                }
+                _ => Err(ProtocolError::Unexpected {
+                    got: "SessionEnd",
+                    state: "no such session",
+                }),
+            },
+            other => Err(ProtocolError::Unexpected {
+                got: other.name(),
+                state: "agent link established",
+            }),
+        }
+    }
+
+    fn slot_mut(&mut self, slot: u16, got: &'static str) -> Result<&mut SlotState, ProtocolError> {
+        let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
+            got,
+            state: "no session",
+        })?;
+        if s.phase == Phase::AwaitingReady {
+            return Err(ProtocolError::Unexpected {
+                got,
+                state: "SyncReady not sent yet",
+            });
+        }
+        let n = s.slots.len();
+        s.slots
+            .get_mut(usize::from(slot))
+            .ok_or(ProtocolError::NoSuchSlot { slot, slots: n })
+    }
+
+    fn maybe_start_streaming(&mut self) {
+        if let Some(s) = &mut self.session {
+            if s.phase == Phase::Indexing && s.slots.iter().all(|t| !t.needs_index || t.index_done)
+            {
+                s.phase = Phase::Streaming;
+            }
+        }
+    }
+
+    /// Whether every requested base index has arrived and blocks may flow.
+    pub fn streaming(&self) -> bool {
+        matches!(&self.session, Some(s) if s.phase == Phase::Streaming)
+    }
+
+    /// Sends the inventory.
+    pub fn send_inventory(&mut self, inv: &Inventory) {
+        Message::Inventory(inv.clone()).encode(&mut self.out);
+    }
+
+    /// Accepts the requested session.
+    pub fn send_ready(&mut self, ready: SyncReady) -> Result<(), ProtocolError> {
+        let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
+            got: "SyncReady",
+            state: "no session",
+        })?;
+        if s.phase != Phase::AwaitingReady || ready.session != s.session {
+            return Err(ProtocolError::Unexpected {
+                got: "SyncReady",
+                state: "session already accepted or other session",
+            });
+        }
+        if ready.disks.len() != s.resume.len() {
+            return Err(ProtocolError::Inconsistent(format!(
+                "SyncReady has {} disks, session has {}",
+                ready.disks.len(),
+                s.resume.len()
+            )));
+        }
+        s.slots = ready
+            .disks
+            .iter()
+            .zip(&s.resume)
+            .map(|(d, &resume)| SlotState {
+                needs_index: d.needs_index,
+                index_done: false,
+                next_block: resume,
+                block_count: crate::digest::Geometry::new(d.disk_size, d.block_size).block_count,
+                ended: false,
+                committed: false,
+            })
+            .collect();
+        s.phase = Phase::Indexing;
+        Message::SyncReady(ready).encode(&mut self.out);
+        self.maybe_start_streaming();
+        Ok(())
+    }
+
+    fn streaming_slot(
+        &mut self,
+        slot: u16,
+        got: &'static str,
+    ) -> Result<&mut SlotState, ProtocolError> {
+        let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
+            got,
+            state: "no session",
+        })?;
+        if s.phase != Phase::Streaming {
+            return Err(ProtocolError::Unexpected {
+                got,
+                state: "not streaming",
+            });
+        }
+        let n = s.slots.len();
+        let st = s
+            .slots
+            .get_mut(usize::from(slot))
+            .ok_or(ProtocolError::NoSuchSlot { slot, slots: n })?;
+        if st.ended {
+            return Err(ProtocolError::Unexpected {
+                got,
+                state: "slot already ended",
+            });
+        }
+        Ok(st)
+    }
+
+    /// Queues a block. Blocks of a slot go in ascending order from the
+    /// resume position; the payload is copied straight into the frame.
+    pub fn send_block(
+        &mut self,
+        slot: u16,
+        block: u64,
+        encoding: Encoding,
+        raw_len: u32,
+        digest: &Digest,
+        payload: &[u8],
+    ) -> Result<(), ProtocolError> {
+        let st = self.streaming_slot(slot, "Block")?;
+        if block < st.next_block || block >= st.block_count {
+            return Err(ProtocolError::BadBlock {
+                slot,
+                block,
+                why: "out of order or past the end of the disk",
+            });
+        }
+        st.next_block = block + 1;
+        let start = begin_frame(&mut self.out, kind::BLOCK);
+        let mut w = Writer::new(&mut self.out);
+        w.u16(slot);
+        w.u64(block);
+        w.u8(encoding.code());
+        w.u32(raw_len);
+        w.digest(digest);
+        w.bytes(payload);
+        finish_frame(&mut self.out, start);
+        Ok(())
+    }
+
+    /// Reports that every block before `next_block` has been scanned.
+    pub fn send_checkpoint(&mut self, slot: u16, next_block: u64) -> Result<(), ProtocolError> {
+        let st = self.streaming_slot(slot, "Checkpoint")?;
+        if next_block < st.next_block || next_block > st.block_count {
+            return Err(ProtocolError::BadBlock {
+                slot,
+                block: next_block,
+                why: "checkpoint behind the last block sent or past the end",
+            });
+        }
+        st.next_block = next_block;
+        Message::Checkpoint { slot, next_block }.encode(&mut self.out);
+        Ok(())
+    }
+
+    /// Ends a slot with the root of its new index.
+    pub fn send_disk_end(&mut self, end: DiskEnd) -> Result<(), ProtocolError> {
+        let st = self.streaming_slot(end.slot, "DiskEnd")?;
+        if end.block_count != st.block_count {
+            return Err(ProtocolError::Inconsistent(format!(
+                "DiskEnd for slot {} claims {} blocks, session has {}",
+                end.slot, end.block_count, st.block_count
+            )));
+        }
+        st.ended = true;
+        st.next_block = st.block_count;
+        Message::DiskEnd(end).encode(&mut self.out);
+        if let Some(s) = &mut self.session {
+            if s.slots.iter().all(|t| t.ended) {
+                s.phase = Phase::Draining;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports an error to the controller; a fatal one also ends the session.
+    pub fn send_error(&mut self, e: ErrorMsg) {
+        if e.fatal {
+            self.session = None;
+        }
+        Message::Error(e).encode(&mut self.out);
+    }
+
+    /// Sends a heartbeat.
+    pub fn send_heartbeat(&mut self, seq: u64) {
+        Message::Heartbeat { seq }.encode(&mut self.out);
+    }
+}

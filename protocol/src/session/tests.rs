@@ -1,0 +1,286 @@
+//! Both ends driven against each other in memory.
+
+use super::agent::{AgentEvent, AgentHandshake, AgentLink};
+use super::controller::{ControllerEvent, ControllerHandshake, ControllerLink};
+use super::ProtocolError;
+use crate::digest::{Digest, Geometry, IndexRootHasher, ZeroDigests};
+use crate::encoding::Encoding;
+use crate::message::{
+    decode_stream, BaseRef, Committed, DiskEnd, DiskInfo, IndexChunk, Inventory, Message,
+    ReadyDisk, StartSync, SyncDisk, SyncReady,
+};
+
+fn connect() -> (AgentLink, ControllerLink) {
+    let (hs, hello) = AgentHandshake::start("test-agent/1");
+    let mut msgs = decode_stream(&hello).unwrap();
+    let mut ctl = ControllerHandshake::new("test-controller/1")
+        .on_message(msgs.remove(0), "agent-1")
+        .unwrap();
+    let mut welcome = decode_stream(&ctl.take_output()).unwrap();
+    let mut agent = hs.on_message(welcome.remove(0)).unwrap();
+    assert_eq!(agent.agent_id(), "agent-1");
+    agent.send_inventory(&Inventory {
+        disks: vec![DiskInfo {
+            id: "disk0".into(),
+            size: 10 * 4096,
+            block_size: 4096,
+        }],
+    });
+    let ev = pump_to_controller(&mut agent, &mut ctl);
+    assert!(matches!(ev[0], ControllerEvent::Inventory(_)));
+    (agent, ctl)
+}
+
+fn pump_to_controller(agent: &mut AgentLink, ctl: &mut ControllerLink) -> Vec<ControllerEvent> {
+    decode_stream(&agent.take_output())
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| ctl.handle(m).unwrap())
+        .collect()
+}
+
+fn pump_to_agent(ctl: &mut ControllerLink, agent: &mut AgentLink) -> Vec<AgentEvent> {
+    decode_stream(&ctl.take_output())
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| agent.handle(m).unwrap())
+        .collect()
+}
+
+fn start(ctl: &mut ControllerLink, base: Option<BaseRef>, resume_from: u64) {
+    ctl.start_sync(StartSync {
+        session: 7,
+        disks: vec![SyncDisk {
+            id: "disk0".into(),
+            point: 2,
+            base,
+            resume_from,
+        }],
+    })
+    .unwrap();
+}
+
+#[test]
+fn full_session_with_index_download() {
+    let (mut agent, mut ctl) = connect();
+    let g = Geometry::new(10 * 4096, 4096);
+    let zeros = ZeroDigests::new(g.disk_size, g.block_size);
+    let base_digests: Vec<Digest> = (0..g.block_count).map(|i| zeros.for_block(i)).collect();
+    let mut h = IndexRootHasher::new();
+    base_digests.iter().for_each(|d| h.push(d));
+    let base = BaseRef {
+        point: 1,
+        disk_size: g.disk_size,
+        block_size: g.block_size,
+        root: h.finish(),
+    };
+    start(&mut ctl, Some(base), 0);
+    let ev = pump_to_agent(&mut ctl, &mut agent);
+    let AgentEvent::SyncRequested(req) = &ev[0] else {
+        panic!("expected a sync request, got {ev:?}")
+    };
+    assert_eq!(req.disks[0].base, Some(base));
+
+    agent
+        .send_ready(SyncReady {
+            session: 7,
+            disks: vec![ReadyDisk {
+                disk_size: g.disk_size,
+                block_size: g.block_size,
+                needs_index: true,
+            }],
+        })
+        .unwrap();
+    assert!(!agent.streaming());
+    let ev = pump_to_controller(&mut agent, &mut ctl);
+    assert!(matches!(ev[0], ControllerEvent::SyncReady(_)));
+
+    // Blocks before the index is complete are refused by the agent end.
+    let d = Digest::of(&[1u8; 4096]);
+    assert!(agent
+        .send_block(0, 3, Encoding::Raw, 4096, &d, &[1u8; 4096])
+        .is_err());
+
+    ctl.send_index_chunk(&IndexChunk {
+        slot: 0,
+        first_block: 0,
+        digests: base_digests.clone(),
+    })
+    .unwrap();
+    ctl.send_index_end(0).unwrap();
+    let ev = pump_to_agent(&mut ctl, &mut agent);
+    assert!(matches!(ev[0], AgentEvent::IndexChunk(_)));
+    assert_eq!(ev[1], AgentEvent::IndexComplete { slot: 0 });
+    assert!(agent.streaming());
+
+    agent
+        .send_block(0, 3, Encoding::Raw, 4096, &d, &[1u8; 4096])
+        .unwrap();
+    agent.send_checkpoint(0, 5).unwrap();
+    // Out of order is refused locally.
+    assert!(matches!(
+        agent.send_block(0, 4, Encoding::Zero, 4096, &zeros.full_for_test(), &[]),
+        Err(ProtocolError::BadBlock { .. })
+    ));
+    let ev = pump_to_controller(&mut agent, &mut ctl);
+    assert!(matches!(&ev[0], ControllerEvent::Block(b) if b.block == 3 && b.payload.len() == 4096));
+    assert_eq!(
+        ev[1],
+        ControllerEvent::Checkpoint {
+            slot: 0,
+            next_block: 5
+        }
+    );
+    ctl.send_ack(0, 5).unwrap();
+    assert_eq!(
+        pump_to_agent(&mut ctl, &mut agent),
+        vec![AgentEvent::Acked {
+            slot: 0,
+            next_block: 5
+        }]
+    );
+
+    let root = Digest::of(b"root");
+    agent
+        .send_disk_end(DiskEnd {
+            slot: 0,
+            block_count: g.block_count,
+            sent_blocks: 1,
+            root,
+        })
+        .unwrap();
+    let ev = pump_to_controller(&mut agent, &mut ctl);
+    assert!(matches!(ev[0], ControllerEvent::DiskEnd(_)));
+    ctl.send_committed(Committed {
+        slot: 0,
+        point: 2,
+        root,
+    })
+    .unwrap();
+    ctl.end_session();
+    let ev = pump_to_agent(&mut ctl, &mut agent);
+    assert!(matches!(ev[0], AgentEvent::Committed(_)));
+    assert_eq!(ev[1], AgentEvent::SessionEnded { session: 7 });
+    assert_eq!(agent.session(), None);
+    assert_eq!(ctl.session(), None);
+}
+
+impl ZeroDigests {
+    fn full_for_test(&self) -> Digest {
+        self.for_block(0)
+    }
+}
+
+#[test]
+fn controller_refuses_out_of_order_and_out_of_range_blocks() {
+    let (mut agent, mut ctl) = connect();
+    start(&mut ctl, None, 4);
+    pump_to_agent(&mut ctl, &mut agent);
+    agent
+        .send_ready(SyncReady {
+            session: 7,
+            disks: vec![ReadyDisk {
+                disk_size: 10 * 4096,
+                block_size: 4096,
+                needs_index: false,
+            }],
+        })
+        .unwrap();
+    pump_to_controller(&mut agent, &mut ctl);
+    // A forged block before the resume position.
+    let forged = |block: u64, raw_len: u32| {
+        Message::Block(crate::message::Block {
+            slot: 0,
+            block,
+            encoding: Encoding::Zero,
+            raw_len,
+            digest: Digest::default(),
+            payload: vec![],
+        })
+    };
+    assert!(matches!(
+        ctl.handle(forged(2, 4096)),
+        Err(ProtocolError::BadBlock { .. })
+    ));
+    assert!(matches!(
+        ctl.handle(forged(10, 4096)),
+        Err(ProtocolError::BadBlock { .. })
+    ));
+    assert!(matches!(
+        ctl.handle(forged(5, 100)),
+        Err(ProtocolError::BadBlock { .. })
+    ));
+    assert!(ctl.handle(forged(5, 4096)).is_ok());
+    assert!(matches!(
+        ctl.handle(forged(5, 4096)),
+        Err(ProtocolError::BadBlock { .. })
+    ));
+    // Wrong slot.
+    assert!(matches!(
+        ctl.handle(Message::Checkpoint {
+            slot: 3,
+            next_block: 6
+        }),
+        Err(ProtocolError::NoSuchSlot { .. })
+    ));
+}
+
+#[test]
+fn version_mismatch_is_reported_both_ways() {
+    let hello = Message::Hello(crate::message::Hello {
+        min_version: 5,
+        max_version: 9,
+        software: "future".into(),
+    });
+    let Err((err, bytes)) = ControllerHandshake::new("c").on_message(hello, "a") else {
+        panic!("a future-only agent must be refused")
+    };
+    assert!(matches!(err, ProtocolError::NoCommonVersion { .. }));
+    let msg = decode_stream(&bytes).unwrap().remove(0);
+    let (hs, _) = AgentHandshake::start("a");
+    assert!(matches!(
+        hs.on_message(msg),
+        Err(ProtocolError::Peer { .. })
+    ));
+}
+
+#[test]
+fn start_sync_requires_inventory_and_known_disks() {
+    let (hs, hello) = AgentHandshake::start("a");
+    let _ = hs;
+    let mut ctl = ControllerHandshake::new("c")
+        .on_message(decode_stream(&hello).unwrap().remove(0), "a")
+        .unwrap();
+    assert!(ctl
+        .start_sync(StartSync {
+            session: 1,
+            disks: vec![SyncDisk {
+                id: "x".into(),
+                point: 1,
+                base: None,
+                resume_from: 0
+            }]
+        })
+        .is_err());
+    let (_agent, mut ctl) = connect();
+    assert!(ctl
+        .start_sync(StartSync {
+            session: 1,
+            disks: vec![SyncDisk {
+                id: "nope".into(),
+                point: 1,
+                base: None,
+                resume_from: 0
+            }]
+        })
+        .is_err());
+}
+
+#[test]
+fn heartbeats_are_answered() {
+    let (mut agent, mut ctl) = connect();
+    ctl.send_heartbeat(42);
+    assert!(pump_to_agent(&mut ctl, &mut agent).is_empty());
+    let back = decode_stream(&agent.take_output()).unwrap();
+    assert_eq!(back, vec![Message::HeartbeatAck { seq: 42 }]);
+}
