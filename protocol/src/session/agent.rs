@@ -422,9 +422,10 @@ impl AgentLink {
         Ok(())
     }
 
-    /// Reports an error to the controller; a fatal one also ends the session.
+    /// Reports an error to the controller; a fatal one, or one about the
+    /// running session, also ends the session.
     pub fn send_error(&mut self, e: ErrorMsg) {
-        if e.fatal {
+        if e.fatal || self.session() == Some(e.session) {
             self.session = None;
         }
         Message::Error(e).encode(&mut self.out);

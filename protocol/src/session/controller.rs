@@ -445,13 +445,11 @@ impl ControllerLink {
         }
     }
 
-    /// Reports an error; a fatal one, or one for the running session, also
-    /// drops the session.
+    /// Reports an error about the running session (or the link, when none
+    /// runs); either way the session is over at both ends.
     pub fn send_error(&mut self, code: ErrorCode, fatal: bool, message: String) {
         let session = self.session().unwrap_or(0);
-        if fatal {
-            self.session = None;
-        }
+        self.session = None;
         Message::Error(ErrorMsg {
             code,
             session,

@@ -1,0 +1,343 @@
+//! The agent's configuration file (`/etc/tideline/agent.toml`).
+//!
+//! Every key is documented in `docs/operations.md`. Unknown keys are errors,
+//! so that a typo never silently falls back to a default.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use tideline_protocol::limits::{valid_block_size, valid_id, DEFAULT_BLOCK_SIZE};
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tideline/agent.toml";
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (the message names the key
+    /// and line).
+    #[error("invalid configuration {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// What the TOML parser reported, with line and column.
+        message: String,
+    },
+    /// A value is out of its domain.
+    #[error("invalid configuration {path}: {key}: {message}")]
+    Value {
+        /// File.
+        path: PathBuf,
+        /// Dotted key path.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Where the controller is.
+    pub controller: ControllerSection,
+    /// Certificates for mutual TLS.
+    pub tls: TlsSection,
+    /// Where the agent keeps its block maps and change logs.
+    #[serde(default)]
+    pub state: StateSection,
+    /// Tuning of the sync pipeline.
+    #[serde(default)]
+    pub sync: SyncSection,
+    /// Protected disks.
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<DiskSection>,
+}
+
+/// `[controller]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerSection {
+    /// `host:port` of the controller (default port 443 when omitted).
+    pub address: String,
+    /// Name to check the controller's certificate against (default: the
+    /// host part of `address`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// First reconnect delay in milliseconds.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Largest reconnect delay in milliseconds.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    /// Seconds between heartbeats; the link is dropped after three missed.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// CA certificate (PEM) the controller's certificate must chain to.
+    pub ca: PathBuf,
+    /// The agent's certificate (PEM); its CN is the agent id.
+    pub cert: PathBuf,
+    /// The agent's private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `[state]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    /// State directory.
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for StateSection {
+    fn default() -> Self {
+        StateSection {
+            dir: default_state_dir(),
+        }
+    }
+}
+
+/// `[sync]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSection {
+    /// zstd level for block payloads (1 = fastest).
+    #[serde(default = "default_level")]
+    pub compression_level: i32,
+    /// Hash/compress worker threads (default: number of CPUs, at most 4).
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Bytes read per batch.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: u32,
+    /// Bytes scanned between checkpoints (resume granularity).
+    #[serde(default = "default_checkpoint_bytes")]
+    pub checkpoint_bytes: u64,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        SyncSection {
+            compression_level: default_level(),
+            workers: None,
+            batch_bytes: default_batch_bytes(),
+            checkpoint_bytes: default_checkpoint_bytes(),
+        }
+    }
+}
+
+impl SyncSection {
+    /// Worker threads to use.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .clamp(1, 4)
+        })
+    }
+}
+
+/// `[[disk]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSection {
+    /// Stable id of the disk (letters, digits, `.`, `_`, `-`).
+    pub id: String,
+    /// Raw image file or block device.
+    pub path: PathBuf,
+    /// Block size in bytes (power of two, 4 KiB to 4 MiB).
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+}
+
+fn default_reconnect_min_ms() -> u64 {
+    500
+}
+fn default_reconnect_max_ms() -> u64 {
+    30_000
+}
+fn default_heartbeat_secs() -> u64 {
+    15
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/tideline")
+}
+fn default_level() -> i32 {
+    1
+}
+fn default_batch_bytes() -> u32 {
+    4 * 1024 * 1024
+}
+fn default_checkpoint_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_block_size() -> u32 {
+    DEFAULT_BLOCK_SIZE
+}
+
+impl AgentConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text (`path` is for messages;
+    /// relative paths in the file are taken relative to its directory).
+    pub fn parse(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
+        let mut cfg: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.state.dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        for d in &mut cfg.disks {
+            if d.path.is_relative() {
+                d.path = base.join(&d.path);
+            }
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: String, message: String| ConfigError::Value {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        if self.controller.address.trim().is_empty() {
+            return Err(bad("controller.address".into(), "must not be empty".into()));
+        }
+        if self.controller.reconnect_min_ms == 0
+            || self.controller.reconnect_min_ms > self.controller.reconnect_max_ms
+        {
+            return Err(bad(
+                "controller.reconnect_min_ms".into(),
+                "must be at least 1 and at most reconnect_max_ms".into(),
+            ));
+        }
+        if self.controller.heartbeat_secs == 0 {
+            return Err(bad("controller.heartbeat_secs".into(), "must be at least 1".into()));
+        }
+        if !(1..=19).contains(&self.sync.compression_level) {
+            return Err(bad(
+                "sync.compression_level".into(),
+                format!("{} is outside 1..=19", self.sync.compression_level),
+            ));
+        }
+        if self.sync.workers == Some(0) {
+            return Err(bad("sync.workers".into(), "must be at least 1".into()));
+        }
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&self.sync.batch_bytes) {
+            return Err(bad(
+                "sync.batch_bytes".into(),
+                "must be between 64 KiB and 64 MiB".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            if !valid_id(&d.id) {
+                return Err(bad(
+                    format!("disk[{i}].id"),
+                    format!("{:?} must be 1-128 letters, digits, '.', '_' or '-'", d.id),
+                ));
+            }
+            if !seen.insert(d.id.clone()) {
+                return Err(bad(format!("disk[{i}].id"), format!("{:?} appears twice", d.id)));
+            }
+            if !valid_block_size(d.block_size) {
+                return Err(bad(
+                    format!("disk[{i}].block_size"),
+                    format!("{} is not a power of two between 4 KiB and 4 MiB", d.block_size),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The controller address with the default port added when missing.
+    pub fn controller_addr(&self) -> String {
+        let a = self.controller.address.trim();
+        if a.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            a.to_owned()
+        } else {
+            format!("{a}:443")
+        }
+    }
+
+    /// The name the controller's certificate must carry.
+    pub fn server_name(&self) -> String {
+        if let Some(n) = &self.controller.server_name {
+            return n.clone();
+        }
+        let addr = self.controller_addr();
+        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&addr);
+        host.trim_start_matches('[').trim_end_matches(']').to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[controller]
+address = "ctl.example"
+[tls]
+ca = "ca.crt"
+cert = "agent.crt"
+key = "agent.key"
+[[disk]]
+id = "root"
+path = "/dev/sda"
+"#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = AgentConfig::parse(GOOD, Path::new("/etc/tideline/agent.toml")).unwrap();
+        assert_eq!(c.controller_addr(), "ctl.example:443");
+        assert_eq!(c.server_name(), "ctl.example");
+        assert_eq!(c.tls.ca, PathBuf::from("/etc/tideline/ca.crt"));
+        assert_eq!(c.disks[0].block_size, DEFAULT_BLOCK_SIZE);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = GOOD.replace("[tls]", "[tls]\ncipher = \"x\"");
+        let e = AgentConfig::parse(&text, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(e.contains("cipher") && e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn bad_block_size_and_duplicate_disk_are_refused() {
+        let text = format!("{GOOD}block_size = 1000\n");
+        let e = AgentConfig::parse(&text, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(e.contains("disk[0].block_size"), "{e}");
+        let text = format!("{GOOD}[[disk]]\nid = \"root\"\npath = \"/x\"\n");
+        let e = AgentConfig::parse(&text, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(e.contains("appears twice"), "{e}");
+    }
+}

@@ -1,0 +1,12 @@
+//! The Tideline agent: reads protected disks, finds what changed, and streams
+//! verified deltas to the controller over its mutual-TLS control channel.
+//!
+//! Data path: [`source`] (what is read) → [`sync::pipeline`] (hash, compare
+//! with [`tracking`], compress) → [`transport`] (frames over TLS). The
+//! agent dials out and never listens on a port.
+
+pub mod config;
+pub mod source;
+pub mod sync;
+pub mod tracking;
+pub mod transport;

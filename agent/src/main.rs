@@ -1,0 +1,90 @@
+//! `tideline-agent`: the replication agent daemon and its admin commands.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tideline_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
+use tideline_agent::transport::connection;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(name = "tideline-agent", version, about = "Tideline disaster-recovery replication agent")]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, global = true, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: dial the controller and answer its sessions (default).
+    Run,
+    /// Validate the configuration and exit.
+    CheckConfig,
+    /// Print the disks the agent would report, as JSON.
+    Inventory,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("tideline-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let cfg = AgentConfig::load(&cli.config)?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => {
+            println!("{}: ok ({} disks)", cli.config.display(), cfg.disks.len());
+            Ok(())
+        }
+        Command::Inventory => {
+            let inv = connection::inventory(&cfg);
+            let disks: Vec<_> = inv
+                .disks
+                .iter()
+                .map(|d| serde_json::json!({"id": d.id, "size": d.size, "block_size": d.block_size}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&disks)?);
+            Ok(())
+        }
+        Command::Run => run(cfg),
+    }
+}
+
+fn run(cfg: AgentConfig) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    std::fs::create_dir_all(&cfg.state.dir)
+        .with_context(|| format!("cannot create state directory {}", cfg.state.dir.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("stopping at the next frame boundary");
+            let _ = tx.send(true);
+        });
+        connection::run(Arc::new(cfg), rx).await
+    })
+}

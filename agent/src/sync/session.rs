@@ -1,0 +1,436 @@
+//! The agent's side of one sync session: which blocks the controller
+//! already has, what was sent, and how the block map advances.
+//!
+//! For each slot of a `StartSync` the agent decides whether its block map
+//! can vouch for the controller's base point (same point id, same root, not
+//! half-updated). If not, it asks for the base index and rebuilds the map
+//! from it, verified against the base root, so that it sends only what the
+//! controller lacks. Every block sent is recorded in the disk's change log;
+//! the log is made durable before each checkpoint, sealed with the new index
+//! root before `DiskEnd`, and applied to the map only on `Committed`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tideline_protocol::message::{
+    Committed, DiskEnd, IndexChunk, ReadyDisk, StartSync, SyncReady,
+};
+use tideline_protocol::{Digest, Geometry, IndexRootHasher};
+use tracing::{info, warn};
+
+use super::expected::ExpectedIndex;
+use super::pipeline::ScanJob;
+use crate::config::{AgentConfig, DiskSection};
+use crate::source::{DiskSource, RawDisk, SourceError};
+use crate::tracking::{BlockMap, BlockMapWriter, ChangeLog, DiskState, TrackingError};
+
+/// Why a session cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The controller named a disk that is not in the configuration.
+    #[error("disk {0:?} is not configured on this agent")]
+    UnknownDisk(String),
+    /// The disk could not be opened or read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The block map or change log could not be used.
+    #[error(transparent)]
+    Tracking(#[from] TrackingError),
+    /// The controller asked to resume, but the change log of the interrupted
+    /// session is gone or belongs to another session.
+    #[error("disk {disk}: cannot resume session {session} at block {resume_from}: {why}")]
+    CannotResume {
+        /// Disk id.
+        disk: String,
+        /// Session id.
+        session: u64,
+        /// Requested position.
+        resume_from: u64,
+        /// Why not.
+        why: String,
+    },
+    /// A message does not fit the session.
+    #[error("disk {disk}: {why}")]
+    Inconsistent {
+        /// Disk id.
+        disk: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// How the expected index of a slot becomes known.
+enum Base {
+    /// Known: the scan may start.
+    Ready(ExpectedIndex),
+    /// Being received from the controller.
+    Downloading(BlockMapWriter),
+    /// Taken by a scan.
+    Scanning,
+}
+
+/// One disk of the session.
+struct DiskJob {
+    id: String,
+    source: Arc<dyn DiskSource>,
+    geometry: Geometry,
+    state: DiskState,
+    expected: Base,
+    /// The session's change log; taken when the point is committed.
+    log: Option<ChangeLog>,
+    resume_from: u64,
+}
+
+/// A sync session in progress on the agent.
+pub struct AgentSession {
+    session: u64,
+    jobs: Vec<DiskJob>,
+    next_scan: usize,
+    expected_in_scan: Option<(u16, ExpectedIndex)>,
+}
+
+impl AgentSession {
+    /// Opens the disks of a `StartSync`, checks the block maps against the
+    /// base points, and returns the `SyncReady` answer.
+    pub fn prepare(req: &StartSync, cfg: &AgentConfig) -> Result<(AgentSession, SyncReady), SessionError> {
+        let mut jobs = Vec::with_capacity(req.disks.len());
+        let mut ready = Vec::with_capacity(req.disks.len());
+        for d in &req.disks {
+            let dcfg = cfg
+                .disks
+                .iter()
+                .find(|c| c.id == d.id)
+                .ok_or_else(|| SessionError::UnknownDisk(d.id.clone()))?;
+            let job = prepare_disk(req.session, d, dcfg, &cfg.state.dir)?;
+            ready.push(ReadyDisk {
+                disk_size: job.geometry.disk_size,
+                block_size: job.geometry.block_size,
+                needs_index: matches!(job.expected, Base::Downloading(_)),
+            });
+            jobs.push(job);
+        }
+        Ok((
+            AgentSession {
+                session: req.session,
+                jobs,
+                next_scan: 0,
+                expected_in_scan: None,
+            },
+            SyncReady {
+                session: req.session,
+                disks: ready,
+            },
+        ))
+    }
+
+    /// Session id.
+    pub fn id(&self) -> u64 {
+        self.session
+    }
+
+    /// Disk id of a slot.
+    pub fn disk_id(&self, slot: u16) -> &str {
+        self.jobs.get(usize::from(slot)).map(|j| j.id.as_str()).unwrap_or("?")
+    }
+
+    /// Geometry of a slot.
+    pub fn geometry(&self, slot: u16) -> Option<Geometry> {
+        self.jobs.get(usize::from(slot)).map(|j| j.geometry)
+    }
+
+    fn job(&mut self, slot: u16) -> Result<&mut DiskJob, SessionError> {
+        self.jobs
+            .get_mut(usize::from(slot))
+            .ok_or_else(|| SessionError::Inconsistent {
+                disk: "?".into(),
+                why: format!("no slot {slot}"),
+            })
+    }
+
+    /// Writes part of a base index into the map being rebuilt.
+    pub fn on_index_chunk(&mut self, chunk: &IndexChunk) -> Result<(), SessionError> {
+        let job = self.job(chunk.slot)?;
+        match &mut job.expected {
+            Base::Downloading(w) => Ok(w.write_range(chunk.first_block, &chunk.digests)?),
+            _ => Err(SessionError::Inconsistent {
+                disk: job.id.clone(),
+                why: "index data for a disk that did not ask for it".into(),
+            }),
+        }
+    }
+
+    /// Completes a rebuilt map; it replaces the old one only if its entries
+    /// hash to the base root.
+    pub fn on_index_complete(&mut self, slot: u16) -> Result<(), SessionError> {
+        let job = self.job(slot)?;
+        let Base::Downloading(w) = std::mem::replace(&mut job.expected, Base::Scanning) else {
+            return Err(SessionError::Inconsistent {
+                disk: job.id.clone(),
+                why: "index end for a disk that did not ask for it".into(),
+            });
+        };
+        let map = w.finish()?;
+        info!(disk = %job.id, point = ?map.point(), "block map rebuilt from the controller's index");
+        job.expected = Base::Ready(ExpectedIndex::from_map(Arc::new(map), job.geometry));
+        Ok(())
+    }
+
+    /// The scan of the next slot, once its base is known.
+    pub fn next_scan(&mut self, cfg: &AgentConfig) -> Option<(u16, ScanJob)> {
+        let slot = self.next_scan;
+        let job = self.jobs.get_mut(slot)?;
+        let Base::Ready(expected) = std::mem::replace(&mut job.expected, Base::Scanning) else {
+            return None;
+        };
+        self.next_scan += 1;
+        self.expected_in_scan = Some((slot as u16, expected.clone()));
+        Some((
+            slot as u16,
+            ScanJob {
+                source: job.source.clone(),
+                expected,
+                from_block: job.resume_from,
+                compression_level: cfg.sync.compression_level,
+                workers: cfg.sync.worker_count(),
+                batch_bytes: cfg.sync.batch_bytes,
+            },
+        ))
+    }
+
+    fn log(&mut self, slot: u16) -> Result<&mut ChangeLog, SessionError> {
+        let job = self.job(slot)?;
+        let id = job.id.clone();
+        job.log.as_mut().ok_or(SessionError::Inconsistent {
+            disk: id,
+            why: "the disk's point is already committed".into(),
+        })
+    }
+
+    /// Records a block that was sent.
+    pub fn record_sent(&mut self, slot: u16, block: u64, digest: Digest) -> Result<(), SessionError> {
+        Ok(self.log(slot)?.append(block, digest)?)
+    }
+
+    /// Makes every record durable (before a checkpoint is sent).
+    pub fn sync_log(&mut self, slot: u16) -> Result<(), SessionError> {
+        Ok(self.log(slot)?.sync()?)
+    }
+
+    /// Computes the new index root (base carried to the new geometry,
+    /// overlaid with the change log), seals the log, and returns `DiskEnd`.
+    pub fn finish_slot(&mut self, slot: u16) -> Result<DiskEnd, SessionError> {
+        let expected = match self.expected_in_scan.take() {
+            Some((s, e)) if s == slot => e,
+            _ => {
+                return Err(SessionError::Inconsistent {
+                    disk: self.disk_id(slot).to_owned(),
+                    why: "finished a disk that was not being scanned".into(),
+                })
+            }
+        };
+        let block_count = self.job(slot)?.geometry.block_count;
+        let log = self.log(slot)?;
+        let mut hasher = IndexRootHasher::new();
+        let mut records = log.records().peekable();
+        let mut sent = 0u64;
+        for block in 0..block_count {
+            let from_log = match records.peek() {
+                Some(Ok((b, _))) if *b == block => true,
+                Some(Err(_)) => {
+                    if let Some(Err(e)) = records.next() {
+                        return Err(e.into());
+                    }
+                    false
+                }
+                _ => false,
+            };
+            if from_log {
+                if let Some(Ok((_, d))) = records.next() {
+                    hasher.push(&d);
+                    sent += 1;
+                }
+            } else {
+                hasher.push(&expected.get(block));
+            }
+        }
+        drop(records);
+        let root = hasher.finish();
+        log.seal(root)?;
+        Ok(DiskEnd {
+            slot,
+            block_count,
+            sent_blocks: sent,
+            root,
+        })
+    }
+
+    /// Advances the block map of a committed slot to the new point.
+    pub fn on_committed(&mut self, c: &Committed) -> Result<(), SessionError> {
+        let sealed = self.log(c.slot)?.sealed_root();
+        let job = self.job(c.slot)?;
+        if sealed != Some(c.root) {
+            return Err(SessionError::Inconsistent {
+                disk: job.id.clone(),
+                why: format!(
+                    "controller committed point {} with root {} but the agent sealed {:?}",
+                    c.point, c.root, sealed
+                ),
+            });
+        }
+        if let Some(log) = job.log.take() {
+            advance_map(&job.state, &log)?;
+            log.remove()?;
+        }
+        info!(disk = %job.id, point = c.point, "block map advanced to committed point");
+        Ok(())
+    }
+}
+
+fn prepare_disk(session: u64, d: &tideline_protocol::message::SyncDisk, dcfg: &DiskSection, state_dir: &Path) -> Result<DiskJob, SessionError> {
+    let source: Arc<dyn DiskSource> = Arc::new(RawDisk::open(&dcfg.path)?);
+    let geometry = Geometry::new(source.size(), dcfg.block_size);
+    let state = DiskState::prepare(state_dir, &d.id)?;
+    let mut log = open_or_discard(ChangeLog::open(&state.change_log), &state.change_log);
+
+    // A sealed log for the point the controller now names as base means the
+    // controller committed it but the `Committed` message was lost: the
+    // agent catches up without a rescan.
+    if let (Some(b), Some(l)) = (&d.base, &log) {
+        if l.point() == b.point && l.sealed_root() == Some(b.root) {
+            match advance_map(&state, l) {
+                Ok(()) => info!(disk = %d.id, point = b.point, "applied the change log of a commit whose acknowledgement was lost"),
+                Err(e) => warn!(disk = %d.id, error = %e, "could not apply a pending change log; the base index will be fetched"),
+            }
+            log = None;
+            let _ = std::fs::remove_file(&state.change_log);
+        }
+    }
+
+    let map = open_or_discard(BlockMap::open(&state.block_map), &state.block_map);
+    let expected = match &d.base {
+        None => Base::Ready(ExpectedIndex::zero(geometry)),
+        Some(b) => {
+            let base_geometry = Geometry::new(b.disk_size, b.block_size);
+            match map {
+                Some(m)
+                    if m.is_consistent()
+                        && m.point() == Some(b.point)
+                        && m.root() == Some(b.root)
+                        && m.geometry() == base_geometry =>
+                {
+                    Base::Ready(ExpectedIndex::from_map(Arc::new(m), geometry))
+                }
+                other => {
+                    let why = match &other {
+                        None => "no block map".to_owned(),
+                        Some(m) if !m.is_consistent() => "block map was being updated when the agent stopped".to_owned(),
+                        Some(m) => format!("block map is at point {:?}, controller's base is {}", m.point(), b.point),
+                    };
+                    info!(disk = %d.id, reason = %why, "block map cannot vouch for the base point; fetching the base index");
+                    drop(other);
+                    Base::Downloading(BlockMap::create_with(&state.block_map, base_geometry, b.point, b.root)?)
+                }
+            }
+        }
+    };
+
+    let base_point = d.base.map(|b| b.point).unwrap_or(0);
+    let log = match log {
+        Some(mut l)
+            if l.session() == session && l.point() == d.point && l.base_point() == base_point && l.geometry() == geometry =>
+        {
+            l.truncate_from(d.resume_from)?;
+            l
+        }
+        _ if d.resume_from > 0 => {
+            return Err(SessionError::CannotResume {
+                disk: d.id.clone(),
+                session,
+                resume_from: d.resume_from,
+                why: "the change log of the interrupted session is missing or belongs to another session or disk size".into(),
+            })
+        }
+        _ => ChangeLog::create(&state.change_log, session, d.point, base_point, geometry)?,
+    };
+    Ok(DiskJob {
+        id: d.id.clone(),
+        source,
+        geometry,
+        state,
+        expected,
+        log: Some(log),
+        resume_from: d.resume_from,
+    })
+}
+
+/// Brings the block map from the log's base point to the log's point.
+///
+/// When the map holds the base in the same geometry, the log is applied in
+/// place (crash-safe through the map's APPLYING flag). Otherwise (first
+/// point, or the disk changed size) a new map is built from the carried base
+/// and the log, and replaces the old one only if it hashes to the sealed
+/// root.
+fn advance_map(state: &DiskState, log: &ChangeLog) -> Result<(), SessionError> {
+    let root = log.sealed_root().ok_or_else(|| SessionError::Inconsistent {
+        disk: state.dir.display().to_string(),
+        why: "change log is not sealed".into(),
+    })?;
+    let geometry = log.geometry();
+    let map = BlockMap::open(&state.block_map).ok().flatten();
+    let base_point = (log.base_point() != 0).then_some(log.base_point());
+    if let (Some(mut m), Some(b)) = (map, base_point) {
+        let in_place = m.geometry() == geometry && (m.point() == Some(b) || !m.is_consistent());
+        if in_place {
+            m.apply(log)?;
+            return Ok(());
+        }
+        // Fall through with the old map as the carried base.
+        let expected = ExpectedIndex::from_map(Arc::new(m), geometry);
+        return rebuild_map(state, &expected, log, root);
+    }
+    rebuild_map(state, &ExpectedIndex::zero(geometry), log, root)
+}
+
+fn rebuild_map(state: &DiskState, expected: &ExpectedIndex, log: &ChangeLog, root: Digest) -> Result<(), SessionError> {
+    let geometry = log.geometry();
+    let mut w = BlockMap::create_with(&state.block_map, geometry, log.point(), root)?;
+    let mut records = log.records().peekable();
+    let mut run = Vec::with_capacity(4096);
+    let mut first = 0u64;
+    for block in 0..geometry.block_count {
+        let d = match records.peek() {
+            Some(Ok((b, d))) if *b == block => {
+                let d = *d;
+                records.next();
+                d
+            }
+            Some(Err(_)) => match records.next() {
+                Some(Err(e)) => return Err(e.into()),
+                _ => expected.get(block),
+            },
+            _ => expected.get(block),
+        };
+        run.push(d);
+        if run.len() == 4096 {
+            w.write_range(first, &run)?;
+            first += run.len() as u64;
+            run.clear();
+        }
+    }
+    if !run.is_empty() {
+        w.write_range(first, &run)?;
+    }
+    w.finish()?;
+    Ok(())
+}
+
+fn open_or_discard<T>(r: Result<Option<T>, TrackingError>, path: &Path) -> Option<T> {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "discarding unreadable tracking state; the controller's index will be used");
+            let _ = std::fs::remove_file(path);
+            None
+        }
+    }
+}

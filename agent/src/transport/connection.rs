@@ -1,0 +1,454 @@
+//! The control channel: dial the controller, keep the link up, and run the
+//! sessions it starts.
+//!
+//! One task owns the link. It reads frames from the TLS stream, feeds them
+//! to the protocol state machine, and acts on the events: a `StartSync`
+//! becomes an [`AgentSession`] and a scan pipeline, whose items become
+//! `Block`, `Checkpoint` and `DiskEnd` frames. Writes go through a bounded
+//! channel to a writer task, so that a slow network holds the pipeline back
+//! instead of growing memory. The agent never listens on a port.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rand::Rng;
+use tideline_protocol::frame::FrameBuffer;
+use tideline_protocol::message::{DiskInfo, ErrorCode, ErrorMsg, Inventory, Message};
+use tideline_protocol::session::agent::{AgentEvent, AgentHandshake, AgentLink};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::AgentConfig;
+use crate::source::{DiskSource, RawDisk};
+use crate::sync::pipeline::{Scan, ScanItem, ScanStats};
+use crate::sync::session::{AgentSession, SessionError};
+use crate::transport::tls::client_config;
+
+/// Software name sent in `Hello`.
+pub const SOFTWARE: &str = concat!("tideline-agent/", env!("CARGO_PKG_VERSION"));
+
+/// Keeps the control channel up until `shutdown` turns true.
+pub async fn run(cfg: Arc<AgentConfig>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    let mut backoff = Backoff::new(
+        Duration::from_millis(cfg.controller.reconnect_min_ms),
+        Duration::from_millis(cfg.controller.reconnect_max_ms),
+    );
+    loop {
+        let started = Instant::now();
+        match serve_once(&cfg, &mut shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                warn!(controller = %cfg.controller_addr(), error = %format!("{e:#}"), "control channel down");
+            }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        info!(delay_ms = delay.as_millis() as u64, "reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+    }
+}
+
+/// Exponential backoff with full jitter.
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Delays between `min` and `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff { min, max, attempt: 0 }
+    }
+    /// Back to the shortest delay (after a link that stayed up).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+    /// The next delay: uniform in `[min, min * 2^attempt]`, capped at `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .min
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let lo = self.min.as_millis() as u64;
+        let hi = (ceiling.as_millis() as u64).max(lo);
+        Duration::from_millis(rand::thread_rng().gen_range(lo..=hi))
+    }
+}
+
+/// The agent's disks as the inventory reports them.
+pub fn inventory(cfg: &AgentConfig) -> Inventory {
+    let disks = cfg
+        .disks
+        .iter()
+        .filter_map(|d| match RawDisk::open(&d.path) {
+            Ok(src) => Some(DiskInfo {
+                id: d.id.clone(),
+                size: src.size(),
+                block_size: d.block_size,
+            }),
+            Err(e) => {
+                warn!(disk = %d.id, error = %e, "disk left out of the inventory");
+                None
+            }
+        })
+        .collect();
+    Inventory { disks }
+}
+
+async fn serve_once(cfg: &Arc<AgentConfig>, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+    let tls = client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+    let addr = cfg.controller_addr();
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr))
+        .await
+        .map_err(|_| anyhow!("timed out connecting to controller {addr}"))?
+        .with_context(|| format!("cannot connect to controller {addr}"))?;
+    tcp.set_nodelay(true).ok();
+    let name = rustls::pki_types::ServerName::try_from(cfg.server_name())
+        .with_context(|| format!("invalid controller name {:?}", cfg.server_name()))?;
+    let stream = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| anyhow!("TLS handshake with controller {addr} timed out"))?
+    .with_context(|| format!("TLS handshake with controller {addr} failed"))?;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+
+    // Protocol handshake.
+    let (hs, hello) = AgentHandshake::start(SOFTWARE);
+    wr.write_all(&hello).await.context("sending Hello")?;
+    let mut frames = FrameBuffer::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let first = loop {
+        if let Some(f) = frames.next_frame()? {
+            break Message::decode(f)?;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(15), rd.read(&mut buf))
+            .await
+            .map_err(|_| anyhow!("controller {addr} did not answer Hello"))??;
+        if n == 0 {
+            bail!("controller {addr} closed the connection during the handshake (certificate refused?)");
+        }
+        frames.extend(&buf[..n]);
+    };
+    let mut link = hs.on_message(first).with_context(|| format!("handshake with controller {addr}"))?;
+    info!(controller = %addr, agent_id = link.agent_id(), software = link.controller(), "connected to controller");
+    link.send_inventory(&inventory(cfg));
+
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(16);
+    let writer = tokio::spawn(async move {
+        while let Some(bytes) = out_rx.recv().await {
+            wr.write_all(&bytes).await?;
+        }
+        wr.shutdown().await
+    });
+
+    let mut driver = Driver {
+        cfg: cfg.clone(),
+        link,
+        session: None,
+        scan: None,
+        scan_rx: None,
+        scan_slot: 0,
+        since_checkpoint: CheckpointClock::new(),
+    };
+    let hb_every = Duration::from_secs(cfg.controller.heartbeat_secs);
+    let mut heartbeat = tokio::time::interval(hb_every);
+    heartbeat.tick().await;
+    let mut last_heard = Instant::now();
+    let mut hb_seq = 0u64;
+
+    let result: Result<()> = async {
+        loop {
+            if driver.link.has_output() {
+                out_tx
+                    .send(driver.link.take_output())
+                    .await
+                    .map_err(|_| anyhow!("connection to controller {addr} lost while writing"))?;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        driver.stop_for_shutdown();
+                        return Ok(());
+                    }
+                }
+                n = rd.read(&mut buf) => {
+                    let n = n.with_context(|| format!("reading from controller {addr}"))?;
+                    if n == 0 {
+                        bail!("controller {addr} closed the connection");
+                    }
+                    last_heard = Instant::now();
+                    frames.extend(&buf[..n]);
+                    while let Some(f) = frames.next_frame()? {
+                        let msg = Message::decode(f)?;
+                        if let Some(ev) = driver.link.handle(msg)? {
+                            driver.on_event(ev)?;
+                        }
+                    }
+                }
+                item = recv_scan(&mut driver.scan_rx), if driver.scan_rx.is_some() => {
+                    driver.on_scan_item(item)?;
+                }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > hb_every * 3 {
+                        bail!("controller {addr} silent for {}s", last_heard.elapsed().as_secs());
+                    }
+                    hb_seq += 1;
+                    driver.link.send_heartbeat(hb_seq);
+                }
+            }
+        }
+    }
+    .await;
+    // Flush what was queued (an Error frame, say) before closing.
+    if driver.link.has_output() {
+        let _ = out_tx.send(driver.link.take_output()).await;
+    }
+    drop(out_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    result
+}
+
+async fn recv_scan(rx: &mut Option<mpsc::Receiver<ScanItem>>) -> Option<ScanItem> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct CheckpointClock {
+    at: Instant,
+    bytes_at: u64,
+}
+
+impl CheckpointClock {
+    fn new() -> Self {
+        CheckpointClock {
+            at: Instant::now(),
+            bytes_at: 0,
+        }
+    }
+}
+
+/// Acts on link events and scan items for one connection.
+struct Driver {
+    cfg: Arc<AgentConfig>,
+    link: AgentLink,
+    session: Option<AgentSession>,
+    scan: Option<Scan>,
+    scan_rx: Option<mpsc::Receiver<ScanItem>>,
+    scan_slot: u16,
+    since_checkpoint: CheckpointClock,
+}
+
+fn error_code(e: &SessionError) -> ErrorCode {
+    match e {
+        SessionError::UnknownDisk(_) => ErrorCode::UnknownDisk,
+        SessionError::Source(_) => ErrorCode::DiskUnreadable,
+        SessionError::CannotResume { .. } => ErrorCode::SessionAborted,
+        SessionError::Tracking(_) | SessionError::Inconsistent { .. } => ErrorCode::Internal,
+    }
+}
+
+impl Driver {
+    fn abort_session(&mut self, code: ErrorCode, message: String) {
+        let session = self.session.as_ref().map(|s| s.id()).or(self.link.session()).unwrap_or(0);
+        warn!(session, error = %message, "session failed");
+        self.scan = None;
+        self.scan_rx = None;
+        self.session = None;
+        self.link.send_error(ErrorMsg {
+            code,
+            session,
+            fatal: false,
+            message,
+        });
+    }
+
+    fn stop_for_shutdown(&mut self) {
+        // Stop at a frame boundary: the scan is dropped, the change logs hold
+        // what was sent, and the controller resumes from its last ack.
+        self.scan = None;
+        self.scan_rx = None;
+        if let (Some(s), slot) = (&mut self.session, self.scan_slot) {
+            let _ = s.sync_log(slot);
+        }
+        self.link.send_error(ErrorMsg {
+            code: ErrorCode::ShuttingDown,
+            session: self.link.session().unwrap_or(0),
+            fatal: true,
+            message: "agent is shutting down".into(),
+        });
+    }
+
+    fn on_event(&mut self, ev: AgentEvent) -> Result<()> {
+        match ev {
+            AgentEvent::SyncRequested(req) => {
+                info!(session = req.session, disks = req.disks.len(), "sync requested");
+                match AgentSession::prepare(&req, &self.cfg) {
+                    Ok((session, ready)) => {
+                        self.session = Some(session);
+                        self.link.send_ready(ready)?;
+                        self.maybe_start_scan();
+                    }
+                    Err(e) => {
+                        self.link.send_error(ErrorMsg {
+                            code: error_code(&e),
+                            session: req.session,
+                            fatal: false,
+                            message: e.to_string(),
+                        });
+                        warn!(session = req.session, error = %e, "refused sync");
+                    }
+                }
+            }
+            AgentEvent::IndexChunk(c) => {
+                if let Some(s) = &mut self.session {
+                    if let Err(e) = s.on_index_chunk(&c) {
+                        self.abort_session(error_code(&e), e.to_string());
+                    }
+                }
+            }
+            AgentEvent::IndexComplete { slot } => {
+                if let Some(s) = &mut self.session {
+                    if let Err(e) = s.on_index_complete(slot) {
+                        self.abort_session(error_code(&e), e.to_string());
+                        return Ok(());
+                    }
+                }
+                self.maybe_start_scan();
+            }
+            AgentEvent::Acked { slot, next_block } => {
+                debug!(slot, next_block, "acknowledged");
+            }
+            AgentEvent::Committed(c) => {
+                if let Some(s) = &mut self.session {
+                    let disk = s.disk_id(c.slot).to_owned();
+                    match s.on_committed(&c) {
+                        Ok(()) => info!(disk = %disk, point = c.point, root = %c.root, "point committed"),
+                        Err(e) => warn!(disk = %disk, error = %e, "could not advance the block map; the next sync will reconcile"),
+                    }
+                }
+            }
+            AgentEvent::SessionEnded { session } => {
+                info!(session, "session ended");
+                self.session = None;
+                self.scan = None;
+                self.scan_rx = None;
+            }
+            AgentEvent::PeerError(e) => {
+                warn!(code = ?e.code, session = e.session, message = %e.message, "controller reported an error");
+                if self.link.session().is_none() {
+                    self.session = None;
+                    self.scan = None;
+                    self.scan_rx = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_start_scan(&mut self) {
+        if self.scan.is_some() || !self.link.streaming() {
+            return;
+        }
+        let Some(session) = &mut self.session else { return };
+        if let Some((slot, job)) = session.next_scan(&self.cfg) {
+            info!(disk = session.disk_id(slot), from_block = job.from_block, "scanning");
+            let (scan, rx) = Scan::start(job, 64);
+            self.scan = Some(scan);
+            self.scan_rx = Some(rx);
+            self.scan_slot = slot;
+            self.since_checkpoint = CheckpointClock::new();
+        }
+    }
+
+    fn on_scan_item(&mut self, item: Option<ScanItem>) -> Result<()> {
+        let slot = self.scan_slot;
+        let Some(session) = &mut self.session else {
+            self.scan = None;
+            self.scan_rx = None;
+            return Ok(());
+        };
+        let disk = session.disk_id(slot).to_owned();
+        let r: Result<(), SessionError> = (|| {
+            match item {
+                Some(ScanItem::Changed(c)) => {
+                    self.link
+                        .send_block(slot, c.block, c.encoding, c.raw_len, &c.digest, &c.payload)
+                        .map_err(|e| SessionError::Inconsistent { disk: disk.clone(), why: e.to_string() })?;
+                    session.record_sent(slot, c.block, c.digest)?;
+                }
+                Some(ScanItem::Scanned { next_block, stats }) => {
+                    let scanned = stats.bytes_read + stats.bytes_in_holes;
+                    let due = scanned - self.since_checkpoint.bytes_at >= self.cfg.sync.checkpoint_bytes
+                        || self.since_checkpoint.at.elapsed() >= Duration::from_secs(5);
+                    if due {
+                        session.sync_log(slot)?;
+                        self.link
+                            .send_checkpoint(slot, next_block)
+                            .map_err(|e| SessionError::Inconsistent { disk: disk.clone(), why: e.to_string() })?;
+                        self.since_checkpoint = CheckpointClock { at: Instant::now(), bytes_at: scanned };
+                    }
+                }
+                Some(ScanItem::Finished(stats)) => {
+                    let end = session.finish_slot(slot)?;
+                    log_scan(&disk, &stats);
+                    self.link
+                        .send_disk_end(end)
+                        .map_err(|e| SessionError::Inconsistent { disk: disk.clone(), why: e.to_string() })?;
+                    self.scan = None;
+                    self.scan_rx = None;
+                }
+                Some(ScanItem::Failed(msg)) => {
+                    return Err(SessionError::Inconsistent { disk: disk.clone(), why: format!("scan failed: {msg}") });
+                }
+                None => {
+                    return Err(SessionError::Inconsistent { disk: disk.clone(), why: "scan pipeline stopped".into() });
+                }
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                self.maybe_start_scan();
+                Ok(())
+            }
+            Err(e) => {
+                let code = if matches!(e, SessionError::Inconsistent { .. }) { ErrorCode::DiskUnreadable } else { error_code(&e) };
+                self.abort_session(code, e.to_string());
+                Ok(())
+            }
+        }
+    }
+}
+
+fn log_scan(disk: &str, s: &ScanStats) {
+    let mib = (s.bytes_read + s.bytes_in_holes) as f64 / (1024.0 * 1024.0);
+    info!(
+        disk,
+        blocks = s.blocks,
+        changed = s.changed_blocks,
+        bytes_read = s.bytes_read,
+        bytes_in_holes = s.bytes_in_holes,
+        payload_bytes = s.payload_bytes,
+        seconds = s.seconds,
+        mib_per_s = if s.seconds > 0.0 { mib / s.seconds } else { 0.0 },
+        "disk scanned"
+    );
+}

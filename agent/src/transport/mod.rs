@@ -1,0 +1,4 @@
+//! Transport: the TLS control channel to the controller.
+
+pub mod connection;
+pub mod tls;
