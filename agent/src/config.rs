@@ -208,7 +208,12 @@ impl AgentConfig {
             message: e.to_string().trim_end().replace('\n', " | "),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.state.dir] {
+        for p in [
+            &mut cfg.tls.ca,
+            &mut cfg.tls.cert,
+            &mut cfg.tls.key,
+            &mut cfg.state.dir,
+        ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -240,7 +245,10 @@ impl AgentConfig {
             ));
         }
         if self.controller.heartbeat_secs == 0 {
-            return Err(bad("controller.heartbeat_secs".into(), "must be at least 1".into()));
+            return Err(bad(
+                "controller.heartbeat_secs".into(),
+                "must be at least 1".into(),
+            ));
         }
         if !(1..=19).contains(&self.sync.compression_level) {
             return Err(bad(
@@ -266,12 +274,18 @@ impl AgentConfig {
                 ));
             }
             if !seen.insert(d.id.clone()) {
-                return Err(bad(format!("disk[{i}].id"), format!("{:?} appears twice", d.id)));
+                return Err(bad(
+                    format!("disk[{i}].id"),
+                    format!("{:?} appears twice", d.id),
+                ));
             }
             if !valid_block_size(d.block_size) {
                 return Err(bad(
                     format!("disk[{i}].block_size"),
-                    format!("{} is not a power of two between 4 KiB and 4 MiB", d.block_size),
+                    format!(
+                        "{} is not a power of two between 4 KiB and 4 MiB",
+                        d.block_size
+                    ),
                 ));
             }
         }
@@ -281,7 +295,9 @@ impl AgentConfig {
     /// The controller address with the default port added when missing.
     pub fn controller_addr(&self) -> String {
         let a = self.controller.address.trim();
-        if a.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        if a.rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
             a.to_owned()
         } else {
             format!("{a}:443")
@@ -295,7 +311,9 @@ impl AgentConfig {
         }
         let addr = self.controller_addr();
         let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&addr);
-        host.trim_start_matches('[').trim_end_matches(']').to_owned()
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned()
     }
 }
 
@@ -327,17 +345,23 @@ path = "/dev/sda"
     #[test]
     fn unknown_key_is_named_with_its_line() {
         let text = GOOD.replace("[tls]", "[tls]\ncipher = \"x\"");
-        let e = AgentConfig::parse(&text, Path::new("a.toml")).unwrap_err().to_string();
+        let e = AgentConfig::parse(&text, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cipher") && e.contains("line"), "{e}");
     }
 
     #[test]
     fn bad_block_size_and_duplicate_disk_are_refused() {
         let text = format!("{GOOD}block_size = 1000\n");
-        let e = AgentConfig::parse(&text, Path::new("a.toml")).unwrap_err().to_string();
+        let e = AgentConfig::parse(&text, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("disk[0].block_size"), "{e}");
         let text = format!("{GOOD}[[disk]]\nid = \"root\"\npath = \"/x\"\n");
-        let e = AgentConfig::parse(&text, Path::new("a.toml")).unwrap_err().to_string();
+        let e = AgentConfig::parse(&text, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("appears twice"), "{e}");
     }
 }

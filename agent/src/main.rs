@@ -10,7 +10,11 @@ use tideline_agent::transport::connection;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
-#[command(name = "tideline-agent", version, about = "Tideline disaster-recovery replication agent")]
+#[command(
+    name = "tideline-agent",
+    version,
+    about = "Tideline disaster-recovery replication agent"
+)]
 struct Cli {
     /// Configuration file.
     #[arg(long, short, global = true, default_value = DEFAULT_CONFIG_PATH)]
@@ -49,7 +53,9 @@ fn real_main() -> Result<()> {
             let disks: Vec<_> = inv
                 .disks
                 .iter()
-                .map(|d| serde_json::json!({"id": d.id, "size": d.size, "block_size": d.block_size}))
+                .map(
+                    |d| serde_json::json!({"id": d.id, "size": d.size, "block_size": d.block_size}),
+                )
                 .collect();
             println!("{}", serde_json::to_string_pretty(&disks)?);
             Ok(())

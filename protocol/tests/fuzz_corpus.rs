@@ -290,12 +290,18 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
 
     // Well-framed but undecodable bodies (correct checksums).
     out.push(("bad-kind".into(), raw_frame(0x7f, &[1, 2, 3])));
-    out.push(("bad-magic".into(), raw_frame(kind::HELLO, b"TIDELIN\0\x01\0\x01\0\0\0")));
+    out.push((
+        "bad-magic".into(),
+        raw_frame(kind::HELLO, b"TIDELIN\0\x01\0\x01\0\0\0"),
+    ));
     let mut huge_count = Vec::new();
     huge_count.extend_from_slice(&0u16.to_le_bytes());
     huge_count.extend_from_slice(&0u64.to_le_bytes());
     huge_count.extend_from_slice(&u32::MAX.to_le_bytes());
-    out.push(("bad-count".into(), raw_frame(kind::INDEX_CHUNK, &huge_count)));
+    out.push((
+        "bad-count".into(),
+        raw_frame(kind::INDEX_CHUNK, &huge_count),
+    ));
     let mut trailing = by_name("ack").to_frame();
     trailing.truncate(trailing.len() - 4);
     let body = trailing[8..].to_vec();
@@ -326,7 +332,10 @@ fn corpus_replays_through_fuzz_checks() {
         .unwrap_or_else(|e| panic!("corpus directory {} unreadable: {e}", dir.display()))
         .map(|e| e.expect("read corpus entry").path())
         .filter(|p| p.is_file())
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     files.sort();
     assert!(
@@ -340,7 +349,11 @@ fn corpus_replays_through_fuzz_checks() {
         let data = fs::read(path).expect("read corpus file");
         let outcome = std::panic::catch_unwind(|| fuzz_checks::check_input(&data));
         assert!(outcome.is_ok(), "fuzz checks failed on {}", path.display());
-        for m in fuzz_checks::decode_contiguous(&data).frames.into_iter().flatten() {
+        for m in fuzz_checks::decode_contiguous(&data)
+            .frames
+            .into_iter()
+            .flatten()
+        {
             kinds_seen.insert(m.name());
         }
     }
@@ -357,8 +370,8 @@ fn seeds_are_what_the_corpus_holds() {
     let dir = corpus_dir();
     for (name, bytes) in seeds() {
         let path = dir.join(&name);
-        let on_disk = fs::read(&path)
-            .unwrap_or_else(|e| panic!("seed {} missing: {e}", path.display()));
+        let on_disk =
+            fs::read(&path).unwrap_or_else(|e| panic!("seed {} missing: {e}", path.display()));
         assert_eq!(on_disk, bytes, "seed {name} differs from the generator");
     }
 }

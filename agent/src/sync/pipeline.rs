@@ -305,7 +305,9 @@ pub fn is_all_zero(data: &[u8]) -> bool {
     };
     head.iter().all(|&b| b == 0)
         && tail.iter().all(|&b| b == 0)
-        && body.chunks(16).all(|c| c.iter().fold(0, |a, &w| a | w) == 0)
+        && body
+            .chunks(16)
+            .all(|c| c.iter().fold(0, |a, &w| a | w) == 0)
 }
 
 fn work_stage(

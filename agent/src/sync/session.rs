@@ -12,9 +12,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tideline_protocol::message::{
-    Committed, DiskEnd, IndexChunk, ReadyDisk, StartSync, SyncReady,
-};
+use tideline_protocol::message::{Committed, DiskEnd, IndexChunk, ReadyDisk, StartSync, SyncReady};
 use tideline_protocol::{Digest, Geometry, IndexRootHasher};
 use tracing::{info, warn};
 
@@ -92,7 +90,10 @@ pub struct AgentSession {
 impl AgentSession {
     /// Opens the disks of a `StartSync`, checks the block maps against the
     /// base points, and returns the `SyncReady` answer.
-    pub fn prepare(req: &StartSync, cfg: &AgentConfig) -> Result<(AgentSession, SyncReady), SessionError> {
+    pub fn prepare(
+        req: &StartSync,
+        cfg: &AgentConfig,
+    ) -> Result<(AgentSession, SyncReady), SessionError> {
         let mut jobs = Vec::with_capacity(req.disks.len());
         let mut ready = Vec::with_capacity(req.disks.len());
         for d in &req.disks {
@@ -130,7 +131,10 @@ impl AgentSession {
 
     /// Disk id of a slot.
     pub fn disk_id(&self, slot: u16) -> &str {
-        self.jobs.get(usize::from(slot)).map(|j| j.id.as_str()).unwrap_or("?")
+        self.jobs
+            .get(usize::from(slot))
+            .map(|j| j.id.as_str())
+            .unwrap_or("?")
     }
 
     /// Geometry of a slot.
@@ -207,7 +211,12 @@ impl AgentSession {
     }
 
     /// Records a block that was sent.
-    pub fn record_sent(&mut self, slot: u16, block: u64, digest: Digest) -> Result<(), SessionError> {
+    pub fn record_sent(
+        &mut self,
+        slot: u16,
+        block: u64,
+        digest: Digest,
+    ) -> Result<(), SessionError> {
         Ok(self.log(slot)?.append(block, digest)?)
     }
 
@@ -286,7 +295,12 @@ impl AgentSession {
     }
 }
 
-fn prepare_disk(session: u64, d: &tideline_protocol::message::SyncDisk, dcfg: &DiskSection, state_dir: &Path) -> Result<DiskJob, SessionError> {
+fn prepare_disk(
+    session: u64,
+    d: &tideline_protocol::message::SyncDisk,
+    dcfg: &DiskSection,
+    state_dir: &Path,
+) -> Result<DiskJob, SessionError> {
     let source: Arc<dyn DiskSource> = Arc::new(RawDisk::open(&dcfg.path)?);
     let geometry = Geometry::new(source.size(), dcfg.block_size);
     let state = DiskState::prepare(state_dir, &d.id)?;
@@ -298,8 +312,12 @@ fn prepare_disk(session: u64, d: &tideline_protocol::message::SyncDisk, dcfg: &D
     if let (Some(b), Some(l)) = (&d.base, &log) {
         if l.point() == b.point && l.sealed_root() == Some(b.root) {
             match advance_map(&state, l) {
-                Ok(()) => info!(disk = %d.id, point = b.point, "applied the change log of a commit whose acknowledgement was lost"),
-                Err(e) => warn!(disk = %d.id, error = %e, "could not apply a pending change log; the base index will be fetched"),
+                Ok(()) => {
+                    info!(disk = %d.id, point = b.point, "applied the change log of a commit whose acknowledgement was lost")
+                }
+                Err(e) => {
+                    warn!(disk = %d.id, error = %e, "could not apply a pending change log; the base index will be fetched")
+                }
             }
             log = None;
             let _ = std::fs::remove_file(&state.change_log);
@@ -323,12 +341,23 @@ fn prepare_disk(session: u64, d: &tideline_protocol::message::SyncDisk, dcfg: &D
                 other => {
                     let why = match &other {
                         None => "no block map".to_owned(),
-                        Some(m) if !m.is_consistent() => "block map was being updated when the agent stopped".to_owned(),
-                        Some(m) => format!("block map is at point {:?}, controller's base is {}", m.point(), b.point),
+                        Some(m) if !m.is_consistent() => {
+                            "block map was being updated when the agent stopped".to_owned()
+                        }
+                        Some(m) => format!(
+                            "block map is at point {:?}, controller's base is {}",
+                            m.point(),
+                            b.point
+                        ),
                     };
                     info!(disk = %d.id, reason = %why, "block map cannot vouch for the base point; fetching the base index");
                     drop(other);
-                    Base::Downloading(BlockMap::create_with(&state.block_map, base_geometry, b.point, b.root)?)
+                    Base::Downloading(BlockMap::create_with(
+                        &state.block_map,
+                        base_geometry,
+                        b.point,
+                        b.root,
+                    )?)
                 }
             }
         }
@@ -371,10 +400,12 @@ fn prepare_disk(session: u64, d: &tideline_protocol::message::SyncDisk, dcfg: &D
 /// and the log, and replaces the old one only if it hashes to the sealed
 /// root.
 fn advance_map(state: &DiskState, log: &ChangeLog) -> Result<(), SessionError> {
-    let root = log.sealed_root().ok_or_else(|| SessionError::Inconsistent {
-        disk: state.dir.display().to_string(),
-        why: "change log is not sealed".into(),
-    })?;
+    let root = log
+        .sealed_root()
+        .ok_or_else(|| SessionError::Inconsistent {
+            disk: state.dir.display().to_string(),
+            why: "change log is not sealed".into(),
+        })?;
     let geometry = log.geometry();
     let map = BlockMap::open(&state.block_map).ok().flatten();
     let base_point = (log.base_point() != 0).then_some(log.base_point());
@@ -391,7 +422,12 @@ fn advance_map(state: &DiskState, log: &ChangeLog) -> Result<(), SessionError> {
     rebuild_map(state, &ExpectedIndex::zero(geometry), log, root)
 }
 
-fn rebuild_map(state: &DiskState, expected: &ExpectedIndex, log: &ChangeLog, root: Digest) -> Result<(), SessionError> {
+fn rebuild_map(
+    state: &DiskState,
+    expected: &ExpectedIndex,
+    log: &ChangeLog,
+    root: Digest,
+) -> Result<(), SessionError> {
     let geometry = log.geometry();
     let mut w = BlockMap::create_with(&state.block_map, geometry, log.point(), root)?;
     let mut records = log.records().peekable();

@@ -69,7 +69,11 @@ pub struct Backoff {
 impl Backoff {
     /// Delays between `min` and `max`.
     pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff { min, max, attempt: 0 }
+        Backoff {
+            min,
+            max,
+            attempt: 0,
+        }
     }
     /// Back to the shortest delay (after a link that stayed up).
     pub fn reset(&mut self) {
@@ -144,7 +148,9 @@ async fn serve_once(cfg: &Arc<AgentConfig>, shutdown: &mut watch::Receiver<bool>
         }
         frames.extend(&buf[..n]);
     };
-    let mut link = hs.on_message(first).with_context(|| format!("handshake with controller {addr}"))?;
+    let mut link = hs
+        .on_message(first)
+        .with_context(|| format!("handshake with controller {addr}"))?;
     info!(controller = %addr, agent_id = link.agent_id(), software = link.controller(), "connected to controller");
     link.send_inventory(&inventory(cfg));
 
@@ -267,7 +273,12 @@ fn error_code(e: &SessionError) -> ErrorCode {
 
 impl Driver {
     fn abort_session(&mut self, code: ErrorCode, message: String) {
-        let session = self.session.as_ref().map(|s| s.id()).or(self.link.session()).unwrap_or(0);
+        let session = self
+            .session
+            .as_ref()
+            .map(|s| s.id())
+            .or(self.link.session())
+            .unwrap_or(0);
         warn!(session, error = %message, "session failed");
         self.scan = None;
         self.scan_rx = None;
@@ -299,7 +310,11 @@ impl Driver {
     fn on_event(&mut self, ev: AgentEvent) -> Result<()> {
         match ev {
             AgentEvent::SyncRequested(req) => {
-                info!(session = req.session, disks = req.disks.len(), "sync requested");
+                info!(
+                    session = req.session,
+                    disks = req.disks.len(),
+                    "sync requested"
+                );
                 match AgentSession::prepare(&req, &self.cfg) {
                     Ok((session, ready)) => {
                         self.session = Some(session);
@@ -340,8 +355,12 @@ impl Driver {
                 if let Some(s) = &mut self.session {
                     let disk = s.disk_id(c.slot).to_owned();
                     match s.on_committed(&c) {
-                        Ok(()) => info!(disk = %disk, point = c.point, root = %c.root, "point committed"),
-                        Err(e) => warn!(disk = %disk, error = %e, "could not advance the block map; the next sync will reconcile"),
+                        Ok(()) => {
+                            info!(disk = %disk, point = c.point, root = %c.root, "point committed")
+                        }
+                        Err(e) => {
+                            warn!(disk = %disk, error = %e, "could not advance the block map; the next sync will reconcile")
+                        }
                     }
                 }
             }
@@ -367,9 +386,15 @@ impl Driver {
         if self.scan.is_some() || !self.link.streaming() {
             return;
         }
-        let Some(session) = &mut self.session else { return };
+        let Some(session) = &mut self.session else {
+            return;
+        };
         if let Some((slot, job)) = session.next_scan(&self.cfg) {
-            info!(disk = session.disk_id(slot), from_block = job.from_block, "scanning");
+            info!(
+                disk = session.disk_id(slot),
+                from_block = job.from_block,
+                "scanning"
+            );
             let (scan, rx) = Scan::start(job, 64);
             self.scan = Some(scan);
             self.scan_rx = Some(rx);
@@ -391,19 +416,29 @@ impl Driver {
                 Some(ScanItem::Changed(c)) => {
                     self.link
                         .send_block(slot, c.block, c.encoding, c.raw_len, &c.digest, &c.payload)
-                        .map_err(|e| SessionError::Inconsistent { disk: disk.clone(), why: e.to_string() })?;
+                        .map_err(|e| SessionError::Inconsistent {
+                            disk: disk.clone(),
+                            why: e.to_string(),
+                        })?;
                     session.record_sent(slot, c.block, c.digest)?;
                 }
                 Some(ScanItem::Scanned { next_block, stats }) => {
                     let scanned = stats.bytes_read + stats.bytes_in_holes;
-                    let due = scanned - self.since_checkpoint.bytes_at >= self.cfg.sync.checkpoint_bytes
+                    let due = scanned - self.since_checkpoint.bytes_at
+                        >= self.cfg.sync.checkpoint_bytes
                         || self.since_checkpoint.at.elapsed() >= Duration::from_secs(5);
                     if due {
                         session.sync_log(slot)?;
-                        self.link
-                            .send_checkpoint(slot, next_block)
-                            .map_err(|e| SessionError::Inconsistent { disk: disk.clone(), why: e.to_string() })?;
-                        self.since_checkpoint = CheckpointClock { at: Instant::now(), bytes_at: scanned };
+                        self.link.send_checkpoint(slot, next_block).map_err(|e| {
+                            SessionError::Inconsistent {
+                                disk: disk.clone(),
+                                why: e.to_string(),
+                            }
+                        })?;
+                        self.since_checkpoint = CheckpointClock {
+                            at: Instant::now(),
+                            bytes_at: scanned,
+                        };
                     }
                 }
                 Some(ScanItem::Finished(stats)) => {
@@ -411,15 +446,24 @@ impl Driver {
                     log_scan(&disk, &stats);
                     self.link
                         .send_disk_end(end)
-                        .map_err(|e| SessionError::Inconsistent { disk: disk.clone(), why: e.to_string() })?;
+                        .map_err(|e| SessionError::Inconsistent {
+                            disk: disk.clone(),
+                            why: e.to_string(),
+                        })?;
                     self.scan = None;
                     self.scan_rx = None;
                 }
                 Some(ScanItem::Failed(msg)) => {
-                    return Err(SessionError::Inconsistent { disk: disk.clone(), why: format!("scan failed: {msg}") });
+                    return Err(SessionError::Inconsistent {
+                        disk: disk.clone(),
+                        why: format!("scan failed: {msg}"),
+                    });
                 }
                 None => {
-                    return Err(SessionError::Inconsistent { disk: disk.clone(), why: "scan pipeline stopped".into() });
+                    return Err(SessionError::Inconsistent {
+                        disk: disk.clone(),
+                        why: "scan pipeline stopped".into(),
+                    });
                 }
             }
             Ok(())
@@ -430,7 +474,11 @@ impl Driver {
                 Ok(())
             }
             Err(e) => {
-                let code = if matches!(e, SessionError::Inconsistent { .. }) { ErrorCode::DiskUnreadable } else { error_code(&e) };
+                let code = if matches!(e, SessionError::Inconsistent { .. }) {
+                    ErrorCode::DiskUnreadable
+                } else {
+                    error_code(&e)
+                };
                 self.abort_session(code, e.to_string());
                 Ok(())
             }
@@ -448,7 +496,11 @@ fn log_scan(disk: &str, s: &ScanStats) {
         bytes_in_holes = s.bytes_in_holes,
         payload_bytes = s.payload_bytes,
         seconds = s.seconds,
-        mib_per_s = if s.seconds > 0.0 { mib / s.seconds } else { 0.0 },
+        mib_per_s = if s.seconds > 0.0 {
+            mib / s.seconds
+        } else {
+            0.0
+        },
         "disk scanned"
     );
 }

@@ -41,6 +41,7 @@ impl AgentHandshake {
         match msg {
             Message::Welcome(w) if w.version == PROTOCOL_VERSION => Ok(AgentLink {
                 version: w.version,
+                draining: false,
                 agent_id: w.agent_id,
                 controller: w.controller,
                 session: None,
@@ -123,6 +124,9 @@ struct SyncState {
 /// An established control channel, agent side.
 pub struct AgentLink {
     version: u16,
+    /// A session ended by an error while the controller may still have
+    /// frames of it in flight; those are dropped until the next session.
+    draining: bool,
     agent_id: String,
     controller: String,
     session: Option<SyncState>,
@@ -159,6 +163,19 @@ impl AgentLink {
 
     /// Takes one message from the controller.
     pub fn handle(&mut self, msg: Message) -> Result<Option<AgentEvent>, ProtocolError> {
+        if self.draining
+            && self.session.is_none()
+            && matches!(
+                msg,
+                Message::IndexChunk(_)
+                    | Message::IndexEnd { .. }
+                    | Message::Ack { .. }
+                    | Message::Committed(_)
+                    | Message::SessionEnd { .. }
+            )
+        {
+            return Ok(None);
+        }
         match msg {
             Message::Heartbeat { seq } => {
                 Message::HeartbeatAck { seq }.encode(&mut self.out);
@@ -167,7 +184,7 @@ impl AgentLink {
             Message::HeartbeatAck { .. } => Ok(None),
             Message::Error(e) => {
                 if e.fatal || self.session() == Some(e.session) {
-                    self.session = None;
+                    self.draining |= self.session.take().is_some();
                 }
                 Ok(Some(AgentEvent::PeerError(e)))
             }
@@ -183,6 +200,7 @@ impl AgentLink {
                         "StartSync names no disk".into(),
                     ));
                 }
+                self.draining = false;
                 self.session = Some(SyncState {
                     session: s.session,
                     phase: Phase::AwaitingReady,
@@ -426,7 +444,7 @@ impl AgentLink {
     /// running session, also ends the session.
     pub fn send_error(&mut self, e: ErrorMsg) {
         if e.fatal || self.session() == Some(e.session) {
-            self.session = None;
+            self.draining |= self.session.take().is_some();
         }
         Message::Error(e).encode(&mut self.out);
     }

@@ -65,6 +65,7 @@ impl ControllerHandshake {
         }
         let mut link = ControllerLink {
             agent_software: hello.software,
+            draining: false,
             inventory: None,
             session: None,
             out: Vec::new(),
@@ -130,6 +131,9 @@ struct SyncState {
 /// An established control channel, controller side.
 pub struct ControllerLink {
     agent_software: String,
+    /// A session ended by an error while the agent may still have frames of
+    /// it in flight; those are dropped until the next session starts.
+    draining: bool,
     inventory: Option<Inventory>,
     session: Option<SyncState>,
     out: Vec<u8>,
@@ -191,6 +195,7 @@ impl ControllerLink {
             }
         }
         Message::StartSync(req.clone()).encode(&mut self.out);
+        self.draining = false;
         self.session = Some(SyncState {
             session: req.session,
             phase: Phase::AwaitingReady,
@@ -202,6 +207,18 @@ impl ControllerLink {
 
     /// Takes one message from the agent.
     pub fn handle(&mut self, msg: Message) -> Result<Option<ControllerEvent>, ProtocolError> {
+        if self.draining
+            && self.session.is_none()
+            && matches!(
+                msg,
+                Message::SyncReady(_)
+                    | Message::Block(_)
+                    | Message::Checkpoint { .. }
+                    | Message::DiskEnd(_)
+            )
+        {
+            return Ok(None);
+        }
         match msg {
             Message::Heartbeat { seq } => {
                 Message::HeartbeatAck { seq }.encode(&mut self.out);
@@ -214,7 +231,7 @@ impl ControllerLink {
             }
             Message::Error(e) => {
                 if e.fatal || self.session() == Some(e.session) {
-                    self.session = None;
+                    self.draining |= self.session.take().is_some();
                 }
                 Ok(Some(ControllerEvent::PeerError(e)))
             }
@@ -449,7 +466,7 @@ impl ControllerLink {
     /// runs); either way the session is over at both ends.
     pub fn send_error(&mut self, code: ErrorCode, fatal: bool, message: String) {
         let session = self.session().unwrap_or(0);
-        self.session = None;
+        self.draining |= self.session.take().is_some();
         Message::Error(ErrorMsg {
             code,
             session,

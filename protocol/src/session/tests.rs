@@ -284,3 +284,41 @@ fn heartbeats_are_answered() {
     let back = decode_stream(&agent.take_output()).unwrap();
     assert_eq!(back, vec![Message::HeartbeatAck { seq: 42 }]);
 }
+
+#[test]
+fn frames_in_flight_after_an_error_are_dropped_not_fatal() {
+    let (mut agent, mut ctl) = connect();
+    start(&mut ctl, None, 0);
+    pump_to_agent(&mut ctl, &mut agent);
+    agent
+        .send_ready(SyncReady {
+            session: 7,
+            disks: vec![ReadyDisk {
+                disk_size: 10 * 4096,
+                block_size: 4096,
+                needs_index: false,
+            }],
+        })
+        .unwrap();
+    pump_to_controller(&mut agent, &mut ctl);
+    let d = Digest::of(&[1u8; 4096]);
+    agent
+        .send_block(0, 0, Encoding::Raw, 4096, &d, &[1u8; 4096])
+        .unwrap();
+    // The controller fails the session while the block is in flight.
+    ctl.send_error(
+        crate::message::ErrorCode::StoreFailure,
+        false,
+        "disk full".into(),
+    );
+    assert!(pump_to_controller(&mut agent, &mut ctl).is_empty());
+    let ev = pump_to_agent(&mut ctl, &mut agent);
+    assert!(matches!(ev[0], AgentEvent::PeerError(_)));
+    assert_eq!(agent.session(), None);
+    // A new session works normally afterwards.
+    start(&mut ctl, None, 0);
+    assert!(matches!(
+        pump_to_agent(&mut ctl, &mut agent)[0],
+        AgentEvent::SyncRequested(_)
+    ));
+}

@@ -1,0 +1,6 @@
+//! The controller's admin interface: HTTP/1.1 with JSON bodies over a Unix
+//! socket (`http`), and the routes that map requests onto the controller
+//! (`routes`). `docs/operations.md` documents every route.
+
+pub mod http;
+pub mod routes;

@@ -1,0 +1,12 @@
+//! The reference Tideline controller: accepts agents over mutual TLS, runs
+//! sync sessions with them, and keeps their recovery points in a store.
+
+pub mod admin;
+pub mod config;
+pub mod link;
+pub mod pki;
+pub mod registry;
+pub mod scheduler;
+pub mod session;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,377 @@
+//! `tideline-controller`: the reference controller daemon, its certificate
+//! tools, and the admin CLI that talks to a running controller.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use tideline_controller::admin::{http, routes};
+use tideline_controller::config::{ControllerConfig, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH};
+use tideline_controller::registry::Controller;
+use tideline_controller::store::Store;
+use tideline_controller::{link, pki, scheduler, tls};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(
+    name = "tideline-controller",
+    version,
+    about = "Tideline reference controller"
+)]
+struct Cli {
+    /// Configuration file (for `serve`, and to find the admin socket).
+    #[arg(long, short, global = true, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Admin socket of the running controller (default: from the
+    /// configuration, else /run/tideline/controller.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller.
+    Serve,
+    /// Validate the configuration and exit.
+    CheckConfig,
+    /// Certificate authority and certificates for mutual TLS.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// List agents, their disks, latest points and RPO lag.
+    Agents,
+    /// Start a sync of an agent's disks and (by default) wait for it.
+    Sync {
+        /// Agent id.
+        #[arg(long)]
+        agent: String,
+        /// Disk id (repeat for several; default: all the agent's disks).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// Return at once with the session id.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show sessions (all, or one).
+    Sessions {
+        /// Session id.
+        id: Option<u64>,
+    },
+    /// List the recovery points of a disk.
+    Points {
+        /// Agent id.
+        #[arg(long)]
+        agent: String,
+        /// Disk id.
+        #[arg(long)]
+        disk: String,
+    },
+    /// Export a point as a sparse raw image.
+    Export {
+        /// Agent id.
+        #[arg(long)]
+        agent: String,
+        /// Disk id.
+        #[arg(long)]
+        disk: String,
+        /// Point id or "latest".
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Re-read and re-hash everything a point references.
+    Verify {
+        /// Agent id.
+        #[arg(long)]
+        agent: String,
+        /// Disk id.
+        #[arg(long)]
+        disk: String,
+        /// Point id or "latest".
+        #[arg(long, default_value = "latest")]
+        point: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA in a directory (ca.crt, ca.key).
+    Init {
+        /// Directory for the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Common name of the CA.
+        #[arg(long, default_value = "Tideline CA")]
+        name: String,
+    },
+    /// Issue the controller's server certificate.
+    IssueController {
+        /// CA directory.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// File name stem and common name.
+        #[arg(long, default_value = "controller")]
+        name: String,
+        /// DNS names or IP addresses the agents dial (repeat).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+    },
+    /// Issue an agent's client certificate (its CN is the agent id).
+    IssueAgent {
+        /// CA directory.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Agent id.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("tideline-controller: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let socket = || -> PathBuf {
+        cli.socket.clone().unwrap_or_else(|| {
+            ControllerConfig::load(&cli.config)
+                .map(|c| c.admin.socket)
+                .unwrap_or_else(|_| PathBuf::from(DEFAULT_ADMIN_SOCKET))
+        })
+    };
+    match &cli.command {
+        Command::Serve => serve(ControllerConfig::load(&cli.config)?),
+        Command::CheckConfig => {
+            let c = ControllerConfig::load(&cli.config)?;
+            tls::server_config(&c.tls.ca, &c.tls.cert, &c.tls.key)?;
+            println!("{}: ok", cli.config.display());
+            Ok(())
+        }
+        Command::Ca(c) => ca(c),
+        Command::Agents => print(admin(&socket(), "GET", "/v1/agents", None)?),
+        Command::Sessions { id } => {
+            let path = match id {
+                Some(id) => format!("/v1/sessions/{id}"),
+                None => "/v1/sessions".into(),
+            };
+            print(admin(&socket(), "GET", &path, None)?)
+        }
+        Command::Sync {
+            agent,
+            disks,
+            no_wait,
+        } => {
+            let body = if disks.is_empty() {
+                json!({})
+            } else {
+                json!({ "disks": disks })
+            };
+            let r = admin(
+                &socket(),
+                "POST",
+                &format!("/v1/agents/{agent}/sync"),
+                Some(&body),
+            )?;
+            let session = r["session"]
+                .as_u64()
+                .context("controller returned no session id")?;
+            if *no_wait {
+                return print(r);
+            }
+            wait_for_session(&socket(), session)
+        }
+        Command::Points { agent, disk } => print(admin(
+            &socket(),
+            "GET",
+            &format!("/v1/agents/{agent}/disks/{disk}/points"),
+            None,
+        )?),
+        Command::Export {
+            agent,
+            disk,
+            point,
+            out,
+        } => {
+            let out = std::path::absolute(out)
+                .with_context(|| format!("bad output path {}", out.display()))?;
+            let r = admin(
+                &socket(),
+                "POST",
+                &format!("/v1/agents/{agent}/disks/{disk}/points/{point}/export"),
+                Some(&json!({ "path": out })),
+            )?;
+            print(r)
+        }
+        Command::Verify { agent, disk, point } => {
+            let r = admin(
+                &socket(),
+                "POST",
+                &format!("/v1/agents/{agent}/disks/{disk}/points/{point}/verify"),
+                None,
+            )?;
+            let ok = r["ok"].as_bool().unwrap_or(false);
+            print(r)?;
+            if !ok {
+                bail!("point {point} of {agent}/{disk} failed verification");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print(v: Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+fn admin(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    let (status, v) = http::request(socket, method, path, body)?;
+    if status != 200 {
+        bail!(
+            "{}",
+            v["error"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("HTTP {status}"))
+        );
+    }
+    Ok(v)
+}
+
+fn wait_for_session(socket: &Path, session: u64) -> Result<()> {
+    let started = Instant::now();
+    let mut last_line = String::new();
+    loop {
+        let s = admin(socket, "GET", &format!("/v1/sessions/{session}"), None)?;
+        let state = s["state"].as_str().unwrap_or("?").to_owned();
+        let mut parts = Vec::new();
+        for d in s["disks"].as_array().into_iter().flatten() {
+            let total = d["block_count"].as_u64().unwrap_or(0);
+            let at = d["scanned_block"].as_u64().unwrap_or(0);
+            let pct = if total > 0 {
+                at as f64 * 100.0 / total as f64
+            } else {
+                0.0
+            };
+            parts.push(format!(
+                "{} {:.0}% ({} blocks sent)",
+                d["disk"].as_str().unwrap_or("?"),
+                if d["committed"].is_null() { pct } else { 100.0 },
+                d["blocks_received"].as_u64().unwrap_or(0)
+            ));
+        }
+        let mib = s["wire_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let line = format!(
+            "session {session} {state}: {} | {mib:.1} MiB on the wire, {:.1} MiB/s",
+            parts.join(", "),
+            mib / secs
+        );
+        if line != last_line {
+            eprintln!("{line}");
+            last_line = line;
+        }
+        match state.as_str() {
+            "done" => return print(s),
+            "failed" => {
+                print(s.clone())?;
+                bail!(
+                    "session {session} failed: {}",
+                    s["error"].as_str().unwrap_or("unknown error")
+                );
+            }
+            _ => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+fn ca(c: &CaCommand) -> Result<()> {
+    let issued = match c {
+        CaCommand::Init { dir, name } => pki::init_ca(dir, name)?,
+        CaCommand::IssueController {
+            ca_dir,
+            out,
+            name,
+            sans,
+        } => pki::issue_controller(ca_dir, out, name, sans)?,
+        CaCommand::IssueAgent { ca_dir, out, id } => pki::issue_agent(ca_dir, out, id)?,
+    };
+    print(json!({ "cert": issued.cert, "key": issued.key, "ca": issued.ca }))
+}
+
+fn serve(cfg: ControllerConfig) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let tls = tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+    let store = Store::open(&cfg.store.dir)
+        .with_context(|| format!("opening store {}", cfg.store.dir.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let listen = cfg.listen.address.clone();
+        let socket = cfg.admin.socket.clone();
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        tracing::info!(address = %listener.local_addr()?, "accepting agents");
+        let ctl = Controller::new(cfg, store);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(link::serve_agents(ctl.clone(), listener, tls, stop_rx.clone()));
+        tokio::spawn(scheduler::run(ctl.clone(), stop_rx.clone()));
+        let mut admin_stop = stop_rx.clone();
+        let admin_ctl = ctl.clone();
+        let admin = tokio::spawn(async move {
+            http::serve(
+                &socket,
+                move |req| routes::handle(admin_ctl.clone(), req),
+                async move {
+                    let _ = admin_stop.changed().await;
+                },
+            )
+            .await
+        });
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            r = admin => {
+                match r {
+                    Ok(Err(e)) => return Err(anyhow::Error::from(e).context("admin interface failed")),
+                    Err(e) => bail!("admin interface task failed: {e}"),
+                    Ok(Ok(())) => {}
+                }
+            }
+        }
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(())
+    })
+}

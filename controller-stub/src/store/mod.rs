@@ -1,0 +1,316 @@
+//! The controller's recovery-point store.
+//!
+//! Blocks arrive from a sync session (`put_block`), are decoded and
+//! re-hashed, and are appended once per digest to pack files (`pack.rs`);
+//! the in-memory catalogue (`catalogue.rs`) knows where each chunk lies. A
+//! session then describes the new point block by block (`PointBuilder`,
+//! `builder.rs`, with a staging log in `staging.rs` so that a dropped
+//! session resumes), and `commit` writes the point's two-level index
+//! (`index_file.rs`) and its manifest (`point.rs`) atomically. Points are
+//! read back page by page, exported as raw images and verified in
+//! `export.rs`.
+//!
+//! # Layout under the store root
+//!
+//! ```text
+//! packs/<id:08x>.pack                         chunk records (pack.rs)
+//! packs/<id:08x>.idx                          sidecar of a sealed pack (pack.rs)
+//! points/<agent>/<disk>/<point:016x>/index    top index (index_file.rs)
+//! points/<agent>/<disk>/<point:016x>/manifest.json   commit marker (point.rs)
+//! staging/<agent>/<disk>/<point:016x>.log     blocks recorded so far (staging.rs)
+//! ```
+//!
+//! # Crash safety
+//!
+//! A point is committed in this order: every chunk it references is fsynced
+//! in its pack; the point is written as `<point>.tmp/` (index fsynced, then
+//! `manifest.json` via temp file, fsync, rename, fsync of the directory);
+//! the directory is renamed to its final name; the disk directory is
+//! fsynced. A SIGKILL at any instant therefore leaves earlier points
+//! untouched and the new one whole or absent; `open` removes `.tmp`
+//! directories and point directories without a manifest, cuts torn pack
+//! tails and seals the packs that were being written.
+//!
+//! # Known limits
+//!
+//! * The digest catalogue is in memory (see `catalogue.rs`): about 100
+//!   bytes per distinct chunk.
+//! * Building or verifying an index buffers its page digests for the root
+//!   (`IndexRootHasher`): 32 bytes per 128 blocks, 4 MiB for a 1 TiB disk
+//!   at 64 KiB blocks. Everything else is one page or one block at a time.
+//! * Chunks no point references (an aborted or mismatched session) stay in
+//!   the packs until a garbage collection (not written yet) sweeps them.
+//! * Sealing a full pack (fsync of up to 1 GiB, then its `.idx`) happens
+//!   under the pack lock, so puts wait for it once per GiB stored.
+//! * Export and verify read one block at a time on the calling thread.
+//!
+//! # Concurrency
+//!
+//! `Store` is `Send + Sync`; its methods take `&self`. Pack appends and the
+//! catalogue are behind one mutex; decoding and hashing happen outside it,
+//! and reads take it only to look a digest up.
+
+mod builder;
+mod catalogue;
+mod chunk;
+mod error;
+mod export;
+mod fsutil;
+mod index_file;
+mod pack;
+mod point;
+mod staging;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tideline_protocol::limits::valid_id;
+use tideline_protocol::{Digest, Encoding};
+
+pub use builder::PointBuilder;
+pub use error::StoreError;
+pub use export::{ExportReport, VerifyReport};
+pub use point::PointInfo;
+
+use catalogue::Catalogue;
+use error::io_err;
+use pack::{PackWriter, MAX_STORED_LEN};
+
+/// Id of a recovery point, unique per (agent, disk).
+pub type PointId = u64;
+
+/// What `put_block` did with a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The block was new and has been appended to a pack.
+    Stored {
+        /// Bytes added to the pack (record header and payload).
+        stored_bytes: u64,
+    },
+    /// A chunk with this digest was already stored; nothing was written.
+    Deduplicated,
+}
+
+/// Size figures of the chunk store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StoreStats {
+    /// Number of distinct chunks (blocks and index pages).
+    pub chunks: u64,
+    /// Bytes of pack space they take, record headers included.
+    pub stored_bytes: u64,
+}
+
+/// Most pack files kept open for reading at once.
+const MAX_OPEN_PACKS: usize = 64;
+
+/// The packs and the catalogue, guarded together so that a digest is in the
+/// catalogue only once its record is in a pack.
+struct PackState {
+    catalogue: Catalogue,
+    /// The pack being appended to; created on the first new chunk.
+    writer: Option<PackWriter>,
+    /// Id of the next pack to create.
+    next_pack: u32,
+    /// Size at which a pack is sealed ([`pack::PACK_TARGET_BYTES`]; smaller
+    /// in tests).
+    pack_target: u64,
+}
+
+/// The recovery-point store rooted at one directory.
+pub struct Store {
+    root: PathBuf,
+    packs_dir: PathBuf,
+    state: Mutex<PackState>,
+    /// Pack files open for reading, by id.
+    readers: Mutex<HashMap<u32, Arc<File>>>,
+    /// Points that have a live `PointBuilder`.
+    building: Mutex<HashSet<(String, String, PointId)>>,
+}
+
+/// Locks `m`, recovering the data of a poisoned lock: every guarded update
+/// leaves the data consistent before anything that can panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Checks that `id` is a valid agent or disk id.
+fn check_id(id: &str) -> Result<(), StoreError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidId(id.to_string()))
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`: loads the catalogue
+    /// of every pack, recovers packs that were being written, removes
+    /// incomplete points and stale staging logs.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(root).map_err(io_err(root))?;
+        let root = root.to_path_buf();
+        let packs_dir = root.join("packs");
+        for sub in ["packs", "points", "staging"] {
+            fsutil::create_dir_durable(&root, &root.join(sub))?;
+        }
+        let (catalogue, next_pack) = Catalogue::load(&packs_dir)?;
+        let store = Store {
+            root,
+            packs_dir,
+            state: Mutex::new(PackState {
+                catalogue,
+                writer: None,
+                next_pack,
+                pack_target: pack::PACK_TARGET_BYTES,
+            }),
+            readers: Mutex::new(HashMap::new()),
+            building: Mutex::new(HashSet::new()),
+        };
+        store.remove_incomplete_points()?;
+        let stats = store.stats();
+        tracing::info!(
+            root = %store.root.display(),
+            chunks = stats.chunks,
+            stored_bytes = stats.stored_bytes,
+            "store opened"
+        );
+        Ok(store)
+    }
+
+    /// Root directory of the store.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Verifies a block (decodes its payload per `encoding`: zstd output is
+    /// capped at `raw_len` and must be exactly `raw_len`; raw payloads must
+    /// be `raw_len` long; zero blocks are refused, they are never stored),
+    /// re-hashes it, and stores it unless its digest is already present.
+    pub fn put_block(
+        &self,
+        digest: &Digest,
+        encoding: Encoding,
+        raw_len: u32,
+        payload: &[u8],
+    ) -> Result<PutOutcome, StoreError> {
+        if payload.len() > MAX_STORED_LEN as usize || payload.is_empty() {
+            return Err(StoreError::Decode {
+                digest: *digest,
+                reason: format!("payload of {} bytes out of bounds", payload.len()),
+            });
+        }
+        // CPU work outside the lock.
+        chunk::decode_verified(digest, encoding, raw_len, payload)?;
+        self.store_verified(digest, encoding, raw_len, payload)
+    }
+
+    /// Appends an already verified chunk unless its digest is present.
+    fn store_verified(
+        &self,
+        digest: &Digest,
+        encoding: Encoding,
+        raw_len: u32,
+        payload: &[u8],
+    ) -> Result<PutOutcome, StoreError> {
+        let mut st = lock(&self.state);
+        if st.catalogue.contains(digest) {
+            return Ok(PutOutcome::Deduplicated);
+        }
+        if st
+            .writer
+            .as_ref()
+            .is_some_and(|w| w.is_full_for(payload.len(), st.pack_target))
+        {
+            if let Some(full) = st.writer.take() {
+                let id = full.id();
+                full.seal(&self.packs_dir)?;
+                tracing::debug!(pack = id, "pack sealed");
+            }
+        }
+        let writer = match &mut st.writer {
+            Some(w) => w,
+            None => {
+                let id = st.next_pack;
+                let w = PackWriter::create(&self.packs_dir, id)?;
+                st.next_pack = id.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+                    path: self.packs_dir.clone(),
+                    what: "pack id space exhausted".into(),
+                })?;
+                st.writer.insert(w)
+            }
+        };
+        let loc = writer.append(digest, encoding, raw_len, payload)?;
+        st.catalogue.insert(*digest, loc);
+        Ok(PutOutcome::Stored {
+            stored_bytes: loc.record_len(),
+        })
+    }
+
+    /// Whether the store holds a chunk with this digest.
+    pub fn has_chunk(&self, digest: &Digest) -> bool {
+        lock(&self.state).catalogue.contains(digest)
+    }
+
+    /// Makes every chunk put so far durable (fsync of the current pack).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let mut st = lock(&self.state);
+        match &mut st.writer {
+            Some(w) => w.sync(),
+            None => Ok(()),
+        }
+    }
+
+    /// Number of chunks and bytes held in packs.
+    pub fn stats(&self) -> StoreStats {
+        let st = lock(&self.state);
+        StoreStats {
+            chunks: st.catalogue.len(),
+            stored_bytes: st.catalogue.stored_bytes(),
+        }
+    }
+
+    /// The decoded bytes of chunk `digest`, read from its pack, CRC checked,
+    /// decoded and re-hashed.
+    pub(crate) fn read_chunk(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+        let loc = lock(&self.state)
+            .catalogue
+            .get(digest)
+            .ok_or(StoreError::MissingChunk { digest: *digest })?;
+        let file = self.pack_reader(loc.pack)?;
+        let path = pack::pack_path(&self.packs_dir, loc.pack);
+        let payload = pack::read_record(&file, &path, digest, &loc)?;
+        let bytes = chunk::decode_verified(digest, loc.encoding, loc.raw_len, &payload)?;
+        Ok(bytes.into_owned())
+    }
+
+    /// Seals packs at `bytes` instead of 1 GiB, to exercise rotation.
+    #[cfg(test)]
+    pub(crate) fn set_pack_target(&self, bytes: u64) {
+        lock(&self.state).pack_target = bytes;
+    }
+
+    /// Decoded length of chunk `digest`, if the store holds it.
+    pub(crate) fn chunk_raw_len(&self, digest: &Digest) -> Option<u32> {
+        lock(&self.state).catalogue.get(digest).map(|l| l.raw_len)
+    }
+
+    /// An open handle on pack `id`, from a small cache.
+    fn pack_reader(&self, id: u32) -> Result<Arc<File>, StoreError> {
+        if let Some(f) = lock(&self.readers).get(&id) {
+            return Ok(Arc::clone(f));
+        }
+        let path = pack::pack_path(&self.packs_dir, id);
+        let f = Arc::new(File::open(&path).map_err(io_err(&path))?);
+        let mut readers = lock(&self.readers);
+        if readers.len() >= MAX_OPEN_PACKS {
+            readers.clear();
+        }
+        readers.insert(id, Arc::clone(&f));
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests;
