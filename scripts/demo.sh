@@ -5,7 +5,7 @@
 # bit with the disk, a verify, and a summary.
 #
 # Usage: scripts/demo.sh [WORKDIR]      (default: ./demo-run, recreated)
-# Needs: cargo, python3, mkfs.ext4 and debugfs (scripts/install-deps.sh).
+# Needs cargo; installs the rest with scripts/install-deps.sh (root or sudo).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,6 +13,9 @@ WORK="${1:-$ROOT/demo-run}"
 DISK_MIB="${DEMO_DISK_MIB:-512}"
 
 say() { printf '\n== %s\n' "$*" >&2; }
+
+say "system packages"
+"$ROOT/scripts/install-deps.sh" >&2
 
 say "building (release)"
 cargo build --release --bins --manifest-path "$ROOT/Cargo.toml" >&2

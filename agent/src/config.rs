@@ -265,6 +265,12 @@ impl AgentConfig {
                 "must be between 64 KiB and 64 MiB".into(),
             ));
         }
+        if self.sync.checkpoint_bytes < 1024 * 1024 {
+            return Err(bad(
+                "sync.checkpoint_bytes".into(),
+                "must be at least 1 MiB (each checkpoint costs an fsync)".into(),
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, d) in self.disks.iter().enumerate() {
             if !valid_id(&d.id) {

@@ -45,6 +45,15 @@ fn real_main() -> Result<()> {
     let cfg = AgentConfig::load(&cli.config)?;
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
+            tideline_agent::transport::tls::client_config(
+                &cfg.tls.ca,
+                &cfg.tls.cert,
+                &cfg.tls.key,
+            )?;
+            for d in &cfg.disks {
+                tideline_agent::source::RawDisk::open(&d.path)
+                    .with_context(|| format!("disk {:?}", d.id))?;
+            }
             println!("{}: ok ({} disks)", cli.config.display(), cfg.disks.len());
             Ok(())
         }
@@ -74,6 +83,8 @@ fn run(cfg: AgentConfig) -> Result<()> {
         .init();
     std::fs::create_dir_all(&cfg.state.dir)
         .with_context(|| format!("cannot create state directory {}", cfg.state.dir.display()))?;
+    // One agent per state directory: two would corrupt each other's maps.
+    let _lock = tideline_agent::tracking::StateLock::acquire(&cfg.state.dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -135,8 +135,24 @@ async fn handle_connection(
     };
     let result = conn.run(&mut rd, frames, buf, cmd_rx, shutdown).await;
 
-    // Detach: a session in progress waits for the agent to come back.
-    let session = conn.session.take();
+    // Detach: a session in progress waits for the agent to come back, once
+    // its writer has finished what this link handed it.
+    if let Some(att) = conn.session.take() {
+        if let Some(active) = quiesce(att, &agent_id).await {
+            let mut reg = ctl.registry();
+            if let Some(entry) = reg.agents.get_mut(&agent_id) {
+                entry.active = Some(active);
+                entry.running = None;
+                // The agent may already be back on a newer connection that
+                // found nothing to resume when its inventory arrived.
+                if let Some(c) = entry.connection.as_ref().filter(|c| c.conn_id != conn_id) {
+                    let _ = c.commands.try_send(AgentCommand::ResumePending);
+                }
+            }
+        } else if let Some(entry) = ctl.registry().agents.get_mut(&agent_id) {
+            entry.running = None;
+        }
+    }
     {
         let mut reg = ctl.registry();
         if let Some(entry) = reg.agents.get_mut(&agent_id) {
@@ -146,16 +162,6 @@ async fn handle_connection(
                 .is_some_and(|c| c.conn_id == conn_id)
             {
                 entry.connection = None;
-            }
-            if let Some(mut att) = session {
-                if let Ok(mut s) = att.active.status.lock() {
-                    if !s.finished() {
-                        s.state = SessionState::Interrupted;
-                    }
-                }
-                att.active.replies = Some(att.replies);
-                att.active.interrupted_at = Some(Instant::now());
-                entry.active = Some(att.active);
             }
         }
     }
@@ -167,6 +173,54 @@ async fn handle_connection(
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     info!(agent = %agent_id, "agent disconnected");
     result
+}
+
+/// Lets the writer of a session whose link dropped finish every command
+/// the link queued (a barrier travels through its queue), drops the replies
+/// meant for the old link, and returns the session to wait for its agent;
+/// or `None` when the session ended meanwhile (all committed, or failed).
+async fn quiesce(mut att: Attached, agent: &str) -> Option<ActiveSession> {
+    let token = att.active.id;
+    let tx = att.active.writer.sender();
+    let queued = tokio::task::spawn_blocking(move || tx.send(WriteCmd::Barrier { token }).is_ok())
+        .await
+        .unwrap_or(false);
+    let mut failed = !queued;
+    if queued {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(300), att.replies.recv()).await {
+                Ok(Some(WriteReply::Barrier { token: t })) if t == token => break,
+                Ok(Some(WriteReply::Failed { message, .. })) => {
+                    warn!(agent, session = token, error = %message, "session failed while its link was down");
+                    failed = true;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+    }
+    let mut s = att.active.status.lock().unwrap_or_else(|p| p.into_inner());
+    s.touch();
+    if failed {
+        s.state = SessionState::Failed;
+        s.error
+            .get_or_insert_with(|| "the session's store thread stopped".into());
+        return None;
+    }
+    if s.disks.iter().all(|d| d.committed.is_some()) {
+        // Everything was committed; the agent learns it from its sealed
+        // change log at the next session.
+        s.state = SessionState::Done;
+        return None;
+    }
+    s.state = SessionState::Interrupted;
+    drop(s);
+    att.active.replies = Some(att.replies);
+    att.active.interrupted_at = Some(Instant::now());
+    Some(att.active)
 }
 
 /// A session attached to this connection.
@@ -266,12 +320,18 @@ impl AgentConn {
                     }
                 }
                 reply = recv_reply(&mut self.session) => self.on_reply(reply)?,
-                cmd = commands.recv() => {
-                    if let Some(AgentCommand::Sync { disks, reply }) = cmd {
+                cmd = commands.recv() => match cmd {
+                    Some(AgentCommand::Sync { disks, reply }) => {
                         let r = self.start_session(disks);
                         let _ = reply.send(r);
                     }
-                }
+                    Some(AgentCommand::ResumePending)
+                        if self.session.is_none() && self.link.session().is_none() && self.link.inventory().is_some() =>
+                    {
+                        self.resume_pending();
+                    }
+                    Some(AgentCommand::ResumePending) | None => {}
+                },
                 _ = heartbeat.tick() => {
                     if last_heard.elapsed() > hb_every * 3 {
                         bail!("agent {} silent for {}s", self.agent, last_heard.elapsed().as_secs());
@@ -389,7 +449,13 @@ impl AgentConn {
             reply_tx,
         )
         .map_err(|e| format!("cannot start the session's store thread: {e}"))?;
-        self.ctl.registry().sessions.insert(id, status.clone());
+        {
+            let mut reg = self.ctl.registry();
+            reg.sessions.insert(id, status.clone());
+            if let Some(e) = reg.agents.get_mut(&self.agent) {
+                e.running = Some(id);
+            }
+        }
         let slot_disk = (0..request.disks.len()).collect();
         let slot_resume = vec![0; request.disks.len()];
         self.session = Some(Attached {
@@ -454,6 +520,9 @@ impl AgentConn {
             s.resumes += 1;
         }
         active.interrupted_at = None;
+        if let Some(e) = self.ctl.registry().agents.get_mut(&self.agent) {
+            e.running = Some(active.id);
+        }
         info!(agent = %self.agent, session = active.id, "resuming interrupted session");
         self.session = Some(Attached {
             active,
@@ -473,6 +542,7 @@ impl AgentConn {
             }
             if let Some(e) = self.ctl.registry().agents.get_mut(&self.agent) {
                 e.last_error = Some(why.to_owned());
+                e.running = None;
             }
             // Dropping the writer ends its thread, which aborts the
             // uncommitted points.
@@ -672,6 +742,9 @@ impl AgentConn {
                             s.touch();
                             s.state = SessionState::Done;
                         }
+                        if let Some(e) = self.ctl.registry().agents.get_mut(&self.agent) {
+                            e.running = None;
+                        }
                         info!(agent = %self.agent, session = a.active.id, "sync session complete");
                     }
                 }
@@ -680,6 +753,7 @@ impl AgentConn {
                 self.fail_session(&message);
                 self.link.send_error(code, false, message);
             }
+            WriteReply::Barrier { .. } => {}
         }
         Ok(())
     }

@@ -30,6 +30,9 @@ pub enum AgentCommand {
         /// The new session id, or why not.
         reply: oneshot::Sender<Result<u64, String>>,
     },
+    /// An interrupted session of this agent was parked after this
+    /// connection started: pick it up.
+    ResumePending,
 }
 
 /// A live connection of an agent.
@@ -69,8 +72,10 @@ pub struct AgentEntry {
     pub connection: Option<Connection>,
     /// Last inventory received.
     pub inventory: Vec<DiskInfo>,
-    /// Running or interrupted session.
+    /// Interrupted session waiting for the agent.
     pub active: Option<ActiveSession>,
+    /// Id of the session running on the live connection, if any.
+    pub running: Option<u64>,
     /// Last session failure.
     pub last_error: Option<String>,
     /// When the scheduler last started a sync.
@@ -200,7 +205,7 @@ impl Controller {
                     connected: entry.is_some_and(|e| e.connection.is_some()),
                     peer: entry.and_then(|e| e.connection.as_ref().map(|c| c.peer.clone())),
                     software: entry.and_then(|e| e.connection.as_ref().map(|c| c.software.clone())),
-                    session: entry.and_then(|e| e.active.as_ref().map(|a| a.id)),
+                    session: entry.and_then(|e| e.running.or(e.active.as_ref().map(|a| a.id))),
                     last_error: entry.and_then(|e| e.last_error.clone()),
                     disks,
                     id,

@@ -60,7 +60,12 @@ fn due_agents(ctl: &Controller) -> Vec<String> {
     let reg = ctl.registry();
     reg.agents
         .iter()
-        .filter(|(_, e)| e.connection.is_some() && e.active.is_none() && !e.inventory.is_empty())
+        .filter(|(_, e)| {
+            e.connection.is_some()
+                && e.active.is_none()
+                && e.running.is_none()
+                && !e.inventory.is_empty()
+        })
         .filter_map(|(id, e)| {
             let interval = ctl.cfg.interval_for(id)?;
             if e.last_scheduled

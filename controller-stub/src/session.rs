@@ -55,6 +55,12 @@ pub enum WriteCmd {
         /// Resume position.
         next_block: u64,
     },
+    /// Answer `Barrier` once every command before this one is done (used
+    /// when a link drops, so the session is quiescent before it waits).
+    Barrier {
+        /// Echoed in the reply.
+        token: u64,
+    },
     /// Commit the disk's point if its root matches.
     End {
         /// Disk index.
@@ -86,6 +92,11 @@ pub enum WriteReply {
         disk: usize,
         /// The point.
         info: PointInfo,
+    },
+    /// Every command before the barrier is done.
+    Barrier {
+        /// The barrier's token.
+        token: u64,
     },
     /// The session cannot go on.
     Failed {
@@ -390,6 +401,9 @@ fn writer_loop(
                         break;
                     }
                 }
+            }
+            WriteCmd::Barrier { token } => {
+                let _ = replies.blocking_send(WriteReply::Barrier { token });
             }
             WriteCmd::End { disk, slot, root } => {
                 let Some(b) = builders.get_mut(disk).and_then(Option::take) else {

@@ -304,7 +304,7 @@ fn prepare_disk(
     let source: Arc<dyn DiskSource> = Arc::new(RawDisk::open(&dcfg.path)?);
     let geometry = Geometry::new(source.size(), dcfg.block_size);
     let state = DiskState::prepare(state_dir, &d.id)?;
-    let mut log = open_or_discard(ChangeLog::open(&state.change_log), &state.change_log);
+    let mut log = open_or_discard(ChangeLog::open(&state.change_log), &state.change_log)?;
 
     // A sealed log for the point the controller now names as base means the
     // controller committed it but the `Committed` message was lost: the
@@ -324,7 +324,7 @@ fn prepare_disk(
         }
     }
 
-    let map = open_or_discard(BlockMap::open(&state.block_map), &state.block_map);
+    let map = open_or_discard(BlockMap::open(&state.block_map), &state.block_map)?;
     let expected = match &d.base {
         None => Base::Ready(ExpectedIndex::zero(geometry)),
         Some(b) => {
@@ -460,13 +460,20 @@ fn rebuild_map(
     Ok(())
 }
 
-fn open_or_discard<T>(r: Result<Option<T>, TrackingError>, path: &Path) -> Option<T> {
+/// A tracking file that is damaged is discarded (the controller's index
+/// replaces it); one that cannot be read at all (permissions, I/O errors) is
+/// an error, so that a passing fault never costs a rescan.
+fn open_or_discard<T>(
+    r: Result<Option<T>, TrackingError>,
+    path: &Path,
+) -> Result<Option<T>, TrackingError> {
     match r {
-        Ok(v) => v,
+        Ok(v) => Ok(v),
+        Err(e @ TrackingError::Io { .. }) => Err(e),
         Err(e) => {
-            warn!(file = %path.display(), error = %e, "discarding unreadable tracking state; the controller's index will be used");
+            warn!(file = %path.display(), error = %e, "discarding damaged tracking state; the controller's index will be used");
             let _ = std::fs::remove_file(path);
-            None
+            Ok(None)
         }
     }
 }

@@ -234,6 +234,42 @@ pub(crate) fn check_geometry(path: &Path, g: &Geometry) -> Result<(), TrackingEr
     Ok(())
 }
 
+/// An exclusive lock on a state directory (`<state_dir>/agent.lock`, held
+/// with `flock` for the life of the process), so that two agents never share
+/// block maps.
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateLock {
+    /// Takes the lock, or fails naming the directory if another process
+    /// holds it.
+    pub fn acquire(state_dir: &Path) -> Result<StateLock, TrackingError> {
+        let path = state_dir.join("agent.lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc != 0 {
+            return Err(TrackingError::Io {
+                op: "lock (is another agent running on this state directory?)",
+                path,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(StateLock { _file: file })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

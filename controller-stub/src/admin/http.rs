@@ -35,8 +35,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Largest response the blocking client reads.
 const MAX_RESPONSE_LEN: usize = 64 * 1024 * 1024;
-/// Time the blocking client waits on the socket (routes may do real work).
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Time the blocking client waits on the socket: exports and verifies of
+/// large disks run for minutes before they answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
 
 /// A parsed admin request.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Tideline benchmark: builds the release binaries, then runs bench/bench.py,
+# which writes a disk image with realistic content, runs a full and an
+# incremental sync over mutual TLS on loopback, runs zstd, b3sum and rsync on
+# the same image in the same run, and prints each measurement with the
+# reference tool's figure, the ratio and PASS/MISS against the target.
+# See docs/benchmarks.md.
+#
+# Usage: scripts/bench.sh [--size-gib N] [--block-size BYTES] [--workdir DIR]
+#                         [--keep] [--cache auto|cold|warm] [--rss-sizes 1,2]
+#                         [--block-size-study [--study-block-sizes 16k,64k,...]]
+#                         [--json FILE]
+# Needs: cargo, python3, zstd, b3sum, rsync (scripts/install-deps.sh). Dropping
+# the page cache between phases needs root; without it every tool runs warm.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+for tool in python3 zstd b3sum rsync; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool not found; run scripts/install-deps.sh" >&2; exit 1; }
+done
+
+echo "== building (release)" >&2
+cargo build --release --bins --manifest-path "$ROOT/Cargo.toml" >&2
+TARGET="$(cargo metadata --format-version 1 --no-deps --manifest-path "$ROOT/Cargo.toml" \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+
+exec python3 "$ROOT/bench/bench.py" --bin-dir "$TARGET/release" "$@"

@@ -1,0 +1,216 @@
+//! Interrupted sessions resume from the controller's last acknowledgement:
+//! a connection cut by a proxy, and an agent killed with SIGKILL.
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tideline_tests::*;
+
+const BS: u32 = 64 * 1024;
+const CHECKPOINT: u64 = 4 << 20;
+
+/// A loopback TCP proxy that slows the agent's upload to `rate` bytes per
+/// second and can cut every open connection at once.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: u16, rate: u64) -> Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let conns2 = conns.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                if let Ok(mut c) = conns2.lock() {
+                    c.push(client.try_clone().expect("clone"));
+                    c.push(server.try_clone().expect("clone"));
+                }
+                let (c2, s2) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                std::thread::spawn(move || pump(client, server, Some(rate)));
+                std::thread::spawn(move || pump(s2, c2, None));
+            }
+        });
+        Ok(Proxy { port, cut, conns })
+    }
+
+    /// Cuts every connection open now; later ones pass.
+    fn cut_all(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        if let Ok(mut c) = self.conns.lock() {
+            for s in c.drain(..) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, rate: Option<u64>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n as u64;
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+fn session(w: &World, id: u64) -> Result<Value> {
+    w.admin(&["sessions", &id.to_string()])
+}
+
+fn wait_acked_past(w: &World, id: u64, fraction: f64) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let s = session(w, id)?;
+        let d = &s["disks"][0];
+        let (acked, total) = (
+            d["acked_block"].as_u64().unwrap_or(0),
+            d["block_count"].as_u64().unwrap_or(0),
+        );
+        if s["state"] != "running" {
+            bail!("session left running before the cut: {s}");
+        }
+        if total > 0 && acked as f64 >= fraction * total as f64 {
+            return Ok(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("session {id} never reached {fraction} acknowledged")
+}
+
+fn wait_done(w: &World, id: u64) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < deadline {
+        let s = session(w, id)?;
+        match s["state"].as_str() {
+            Some("done") => return Ok(s),
+            Some("failed") => bail!("session failed: {s}\nagent:\n{}", w.log("agent-r.log")),
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    bail!("session {id} did not finish")
+}
+
+/// Blocks sent again after the interruption must be at most what was in
+/// flight after the last acknowledgement: one checkpoint interval plus the
+/// bounded queues between the agent's scan and the controller's store.
+fn assert_few_resent(s: &Value, nonzero: u64) {
+    let received = s["disks"][0]["blocks_received"].as_u64().unwrap_or(0);
+    let resent = received.saturating_sub(nonzero);
+    eprintln!("{received} blocks received for {nonzero} data blocks: {resent} sent again after {} resume(s)", s["resumes"]);
+    let bound = CHECKPOINT / u64::from(BS) + 512;
+    assert!(received >= nonzero, "{s}");
+    assert!(
+        s["resumes"].as_u64().unwrap_or(0) >= 1,
+        "session did not resume: {s}"
+    );
+    assert!(
+        resent <= bound,
+        "{resent} blocks sent again (bound {bound}): acknowledged blocks were re-sent\n{s}"
+    );
+}
+
+#[test]
+fn a_connection_cut_mid_sync_resumes_without_resending_acknowledged_blocks() -> Result<()> {
+    let mut w = World::new(&["r"])?;
+    w.start_controller()?;
+    let img = w.path("disk.raw");
+    make_image(&img, 256 << 20, 21)?;
+    let nonzero = nonzero_blocks(&img, BS as usize)?.len() as u64;
+    let proxy = Proxy::start(w.port, 40 << 20)?;
+    let disks = [DiskSpec {
+        id: "data".into(),
+        path: img.clone(),
+        block_size: BS,
+    }];
+    let cfg = w.agent_config(
+        "r",
+        &disks,
+        "r",
+        "pki/ca.crt",
+        proxy.port,
+        &format!("[sync]\ncheckpoint_bytes = {CHECKPOINT}\n"),
+    )?;
+    w.spawn_agent("r", &cfg)?;
+    w.wait_connected("r")?;
+
+    let id = w.admin(&["sync", "--agent", "r", "--no-wait"])?["session"]
+        .as_u64()
+        .unwrap_or(0);
+    wait_acked_past(&w, id, 0.4)?;
+    proxy.cut_all();
+    let s = wait_done(&w, id)?;
+    assert_few_resent(&s, nonzero);
+    assert_same(&w.export("r", "data", "latest")?, &img);
+    Ok(())
+}
+
+#[test]
+fn an_agent_killed_mid_sync_resumes_after_restart() -> Result<()> {
+    let mut w = World::new(&["r"])?;
+    w.start_controller()?;
+    let img = w.path("disk.raw");
+    make_image(&img, 256 << 20, 22)?;
+    let nonzero = nonzero_blocks(&img, BS as usize)?.len() as u64;
+    let proxy = Proxy::start(w.port, 40 << 20)?;
+    let disks = [DiskSpec {
+        id: "data".into(),
+        path: img.clone(),
+        block_size: BS,
+    }];
+    let cfg = w.agent_config(
+        "r",
+        &disks,
+        "r",
+        "pki/ca.crt",
+        proxy.port,
+        &format!("[sync]\ncheckpoint_bytes = {CHECKPOINT}\n"),
+    )?;
+    w.spawn_agent("r", &cfg)?;
+    w.wait_connected("r")?;
+
+    let id = w.admin(&["sync", "--agent", "r", "--no-wait"])?["session"]
+        .as_u64()
+        .unwrap_or(0);
+    wait_acked_past(&w, id, 0.4)?;
+    w.kill_agent("r");
+    proxy.cut_all();
+    w.spawn_agent("r", &cfg)?;
+    let s = wait_done(&w, id)?;
+    assert_few_resent(&s, nonzero);
+    assert_same(&w.export("r", "data", "latest")?, &img);
+
+    // The agent's map advanced: an unchanged disk now sends nothing.
+    let s = w.sync("r")?;
+    assert_eq!(s["disks"][0]["blocks_received"].as_u64(), Some(0), "{s}");
+    Ok(())
+}
