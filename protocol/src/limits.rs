@@ -7,7 +7,7 @@
 pub const MIN_BLOCK_SIZE: u32 = 4 * 1024;
 /// Largest accepted block size (4 MiB).
 pub const MAX_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
-/// Default block size (64 KiB); see `docs/architecture.md` for the measurements.
+/// Default block size (64 KiB); the choice is explained in `docs/architecture.md`, the measurements are in `docs/benchmarks.md`.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 /// Largest frame body: one maximal block plus its header fields.
 pub const MAX_BODY_LEN: u32 = MAX_BLOCK_SIZE + 4096;
