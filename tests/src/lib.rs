@@ -89,6 +89,8 @@ pub struct World {
     pub port: u16,
     controller: Option<Child>,
     agents: Vec<(String, Child)>,
+    /// Extra TOML appended to the controller's configuration.
+    pub controller_extra: String,
 }
 
 impl World {
@@ -120,6 +122,7 @@ impl World {
             port: free_port(),
             controller: None,
             agents: Vec::new(),
+            controller_extra: String::new(),
         })
     }
 
@@ -139,8 +142,13 @@ impl World {
         std::fs::write(
             &cfg,
             format!(
-                "[listen]\naddress = \"127.0.0.1:{}\"\nheartbeat_secs = 2\n[tls]\nca = \"pki/ca.crt\"\ncert = \"pki/controller.crt\"\nkey = \"pki/controller.key\"\n[store]\ndir = \"store\"\n[admin]\nsocket = \"controller.sock\"\n[schedule]\nresume_window_secs = 120\n",
-                self.port
+                "[listen]\naddress = \"127.0.0.1:{}\"\nheartbeat_secs = 2\n[tls]\nca = \"pki/ca.crt\"\ncert = \"pki/controller.crt\"\nkey = \"pki/controller.key\"\n[store]\ndir = \"store\"\n[admin]\nsocket = \"controller.sock\"\n{}\n",
+                self.port,
+                if self.controller_extra.is_empty() {
+                    "[schedule]\nresume_window_secs = 120"
+                } else {
+                    &self.controller_extra
+                }
             ),
         )?;
         let log = File::options()

@@ -504,3 +504,23 @@ fn log_scan(disk: &str, s: &ScanStats) {
         "disk scanned"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_stays_within_bounds() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_millis(1600));
+        let mut b = Backoff::new(min, max);
+        let delays: Vec<Duration> = (0..40).map(|_| b.next_delay()).collect();
+        assert!(delays.iter().all(|d| *d >= min && *d <= max));
+        // The ceiling grows: late delays may reach values the first cannot.
+        assert!(delays[0] <= Duration::from_millis(100));
+        assert!(delays[20..].iter().any(|d| *d > Duration::from_millis(400)));
+        // Jitter: not all late delays are equal.
+        assert!(delays[20..].windows(2).any(|w| w[0] != w[1]));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}
