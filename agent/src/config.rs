@@ -127,6 +127,10 @@ pub struct SyncSection {
     /// Bytes scanned between checkpoints (resume granularity).
     #[serde(default = "default_checkpoint_bytes")]
     pub checkpoint_bytes: u64,
+    /// Drop scanned pages from the page cache (`posix_fadvise(DONTNEED)`).
+    /// Off by default: it also evicts pages the host's workload had cached.
+    #[serde(default)]
+    pub drop_page_cache: bool,
 }
 
 impl Default for SyncSection {
@@ -136,6 +140,7 @@ impl Default for SyncSection {
             workers: None,
             batch_bytes: default_batch_bytes(),
             checkpoint_bytes: default_checkpoint_bytes(),
+            drop_page_cache: false,
         }
     }
 }

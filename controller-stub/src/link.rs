@@ -559,13 +559,21 @@ impl AgentConn {
     fn write(&self, cmd: WriteCmd) -> Result<()> {
         let a = self.session.as_ref().ok_or_else(|| anyhow!("no session"))?;
         let tx = a.active.writer.sender();
-        // The writer's queue is bounded: waiting here holds the agent back
-        // through TCP instead of buffering without limit.
-        let sent = tokio::task::block_in_place(|| tx.send(cmd).is_ok());
-        if !sent {
-            bail!("the session's store thread stopped");
+        match tx.try_send(cmd) {
+            Ok(()) => Ok(()),
+            // The writer's queue is bounded: waiting here holds the agent
+            // back through TCP instead of buffering without limit.
+            Err(std::sync::mpsc::TrySendError::Full(cmd)) => {
+                if tokio::task::block_in_place(|| tx.send(cmd).is_ok()) {
+                    Ok(())
+                } else {
+                    bail!("the session's store thread stopped")
+                }
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                bail!("the session's store thread stopped")
+            }
         }
-        Ok(())
     }
 
     async fn on_event(&mut self, ev: ControllerEvent) -> Result<()> {

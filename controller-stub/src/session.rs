@@ -258,6 +258,102 @@ fn store_code(e: &StoreError) -> ErrorCode {
     }
 }
 
+/// Blocks verified together; each batch is split over [`VERIFIERS`] threads.
+const VERIFY_BATCH: usize = 32;
+/// Threads that decompress and re-hash a batch.
+const VERIFIERS: usize = 2;
+
+/// Verifies and stores a batch of blocks (decode, re-hash, deduplicate) on
+/// parallel threads, then records them in arrival order.
+fn store_batch(
+    store: &Store,
+    disks: &[String],
+    zeros: &[Option<ZeroDigests>],
+    builders: &mut [Option<PointBuilder<'_>>],
+    status: &SharedStatus,
+    batch: Vec<(usize, Block)>,
+) -> Result<(), (ErrorCode, String)> {
+    let verify = |(disk, block): &(usize, Block)| -> Result<u64, (ErrorCode, String)> {
+        let id = disks.get(*disk).map(String::as_str).unwrap_or("?");
+        let z = zeros.get(*disk).and_then(Option::as_ref).ok_or_else(|| {
+            (
+                ErrorCode::Internal,
+                format!("block for disk {id} before its point was started"),
+            )
+        })?;
+        match block.encoding {
+            Encoding::Zero if z.is_zero(block.block, &block.digest) => Ok(0),
+            Encoding::Zero => Err((
+                ErrorCode::DigestMismatch,
+                format!(
+                    "disk {id} block {}: zero block carries digest {} which is not the zero digest",
+                    block.block, block.digest
+                ),
+            )),
+            _ => {
+                match store.put_block(&block.digest, block.encoding, block.raw_len, &block.payload)
+                {
+                    Ok(PutOutcome::Stored { stored_bytes }) => Ok(stored_bytes),
+                    Ok(PutOutcome::Deduplicated) => Ok(0),
+                    Err(e) => Err((
+                        store_code(&e),
+                        format!("disk {id} block {}: {e}", block.block),
+                    )),
+                }
+            }
+        }
+    };
+    let results: Vec<Result<u64, (ErrorCode, String)>> = if batch.len() < 4 {
+        batch.iter().map(verify).collect()
+    } else {
+        let per = batch.len().div_ceil(VERIFIERS);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = batch
+                .chunks(per)
+                .map(|part| scope.spawn(move || part.iter().map(verify).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![Err((
+                            ErrorCode::Internal,
+                            "a verifier thread panicked".into(),
+                        ))]
+                    })
+                })
+                .collect()
+        })
+    };
+    for ((disk, block), result) in batch.iter().zip(results) {
+        let stored = result?;
+        let id = &disks[*disk];
+        let b = builders
+            .get_mut(*disk)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| {
+                (
+                    ErrorCode::Internal,
+                    format!("block for disk {id} before its point was started"),
+                )
+            })?;
+        b.record(block.block, block.digest).map_err(|e| {
+            (
+                store_code(&e),
+                format!("disk {id} block {}: {e}", block.block),
+            )
+        })?;
+        if let Ok(mut s) = status.lock() {
+            let d = &mut s.disks[*disk];
+            d.blocks_received += 1;
+            d.payload_bytes += block.payload.len() as u64;
+            d.stored_bytes += stored;
+            d.scanned_block = block.block + 1;
+        }
+    }
+    Ok(())
+}
+
 fn writer_loop(
     store: &Store,
     agent: &str,
@@ -272,7 +368,15 @@ fn writer_loop(
         warn!(agent, error = %message, "session failed in the store");
         let _ = replies.blocking_send(WriteReply::Failed { code, message });
     };
-    while let Ok(cmd) = rx.recv() {
+    let mut pending: Option<WriteCmd> = None;
+    loop {
+        let cmd = match pending.take() {
+            Some(c) => c,
+            None => match rx.recv() {
+                Ok(c) => c,
+                Err(_) => break,
+            },
+        };
         match cmd {
             WriteCmd::Begin {
                 disk,
@@ -317,60 +421,24 @@ fn writer_loop(
                 }
             }
             WriteCmd::Block { disk, block } => {
-                let (Some(Some(b)), Some(Some(z))) = (builders.get_mut(disk), zeros.get(disk))
-                else {
-                    fail(
-                        ErrorCode::Internal,
-                        format!("block for disk #{disk} before its point was started"),
-                    );
+                // Take the blocks already queued behind this one, verify
+                // them on parallel threads, then record them in order.
+                let mut batch = vec![(disk, block)];
+                while batch.len() < VERIFY_BATCH {
+                    match rx.try_recv() {
+                        Ok(WriteCmd::Block { disk, block }) => batch.push((disk, block)),
+                        Ok(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if let Err((code, message)) =
+                    store_batch(store, disks, &zeros, &mut builders, status, batch)
+                {
+                    fail(code, message);
                     break;
-                };
-                let id = &disks[disk];
-                let stored = match block.encoding {
-                    Encoding::Zero => {
-                        if z.is_zero(block.block, &block.digest) {
-                            Ok(0)
-                        } else {
-                            Err(format!(
-                                "disk {id} block {}: zero block carries digest {} which is not the zero digest",
-                                block.block, block.digest
-                            ))
-                        }
-                    }
-                    _ => match store.put_block(
-                        &block.digest,
-                        block.encoding,
-                        block.raw_len,
-                        &block.payload,
-                    ) {
-                        Ok(PutOutcome::Stored { stored_bytes }) => Ok(stored_bytes),
-                        Ok(PutOutcome::Deduplicated) => Ok(0),
-                        Err(e) => Err(format!("disk {id} block {}: {e}", block.block)),
-                    },
-                };
-                match stored.and_then(|n| {
-                    b.record(block.block, block.digest)
-                        .map(|()| n)
-                        .map_err(|e| format!("disk {id} block {}: {e}", block.block))
-                }) {
-                    Ok(n) => {
-                        if let Ok(mut s) = status.lock() {
-                            let d = &mut s.disks[disk];
-                            d.blocks_received += 1;
-                            d.payload_bytes += block.payload.len() as u64;
-                            d.stored_bytes += n;
-                            d.scanned_block = block.block + 1;
-                        }
-                    }
-                    Err(message) => {
-                        let code = if message.contains("digest") {
-                            ErrorCode::DigestMismatch
-                        } else {
-                            ErrorCode::StoreFailure
-                        };
-                        fail(code, message);
-                        break;
-                    }
                 }
             }
             WriteCmd::Checkpoint {

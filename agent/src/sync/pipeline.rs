@@ -1,15 +1,19 @@
-//! The scan pipeline: read → hash and compare → compress → in-order output.
+//! The scan pipeline: plan → read, hash, compare, compress → in-order output.
 //!
 //! ```text
-//!  reader thread ──batches──▶ worker threads (N) ──results──▶ orderer thread ──▶ tokio channel
-//!  (large sequential reads,   (BLAKE3 per block, compare     (restores block      (the connection
-//!   holes skipped via          with the expected index,        order)               loop sends
-//!   SEEK_DATA/SEEK_HOLE)       zstd for changed blocks)                             frames)
+//!  planner thread ──jobs──▶ worker threads (N) ─────────────▶ orderer thread ──▶ tokio channel
+//!  (cuts the disk into      (each reads its batch with one   (restores block     (the connection
+//!   batches and finds their  large pread per data extent,     order)              loop sends
+//!   data extents with        BLAKE3 per block, compares with                      frames)
+//!   SEEK_DATA/SEEK_HOLE)     the expected index, zstd)
 //! ```
 //!
-//! Every channel is bounded and read buffers are recycled through a pool, so
-//! memory stays at a few batches whatever the disk size, and the slowest
-//! stage (disk, CPU or network) sets the pace.
+//! Reading happens in the workers so that the copy out of the page cache is
+//! spread over every core, as hashing is; holes are never read nor zeroed.
+//! Every channel is bounded and each worker owns one batch buffer, so memory
+//! stays at a few batches whatever the disk size (the orderer holds at most
+//! the results of the jobs in flight), and the slowest stage (disk, CPU or
+//! network) sets the pace.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,14 +108,19 @@ pub struct ScanJob {
     pub workers: usize,
     /// Bytes per read batch (rounded to whole blocks).
     pub batch_bytes: u32,
+    /// Drop read pages from the page cache after hashing them
+    /// (`posix_fadvise(DONTNEED)`); off by default because it also drops
+    /// pages the host's own workload had cached.
+    pub drop_page_cache: bool,
 }
 
-struct Batch {
+/// A batch to read and hash: its blocks and where their data is.
+struct Job {
     seq: u64,
     first_block: u64,
     blocks: u64,
-    buf: Vec<u8>,
-    holes: Vec<bool>,
+    /// Data extents `[start, end)` inside the batch; the rest are holes.
+    extents: Vec<(u64, u64)>,
 }
 
 struct BatchResult {
@@ -136,10 +145,9 @@ impl Scan {
         let geometry = job.expected.geometry();
         let blocks_per_batch = (u64::from(job.batch_bytes) / u64::from(geometry.block_size)).max(1);
         let workers = job.workers.max(1);
-        let (batch_tx, batch_rx) = sync_channel::<Batch>(workers * 2);
+        let (job_tx, job_rx) = sync_channel::<Job>(workers * 2);
         let (result_tx, result_rx) = sync_channel::<Result<BatchResult, String>>(workers * 2);
-        let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(workers * 3);
-        let batch_rx = Arc::new(Mutex::new(batch_rx));
+        let job_rx = Arc::new(Mutex::new(job_rx));
         let mut threads = Vec::new();
 
         {
@@ -147,30 +155,26 @@ impl Scan {
             let source = job.source.clone();
             let result_tx = result_tx.clone();
             let from = job.from_block;
-            threads.push(spawn("tideline-read", move || {
-                let r = read_stage(
-                    &*source,
-                    geometry,
-                    from,
-                    blocks_per_batch,
-                    workers * 2 + 1,
-                    &batch_tx,
-                    &pool_rx,
-                    &cancel,
-                );
-                if let Err(e) = r {
+            threads.push(spawn("tideline-plan", move || {
+                if let Err(e) =
+                    plan_stage(&*source, geometry, from, blocks_per_batch, &job_tx, &cancel)
+                {
                     let _ = result_tx.send(Err(e));
                 }
             }));
         }
         for i in 0..workers {
-            let batch_rx = batch_rx.clone();
+            let job_rx = job_rx.clone();
             let result_tx = result_tx.clone();
-            let pool_tx = pool_tx.clone();
             let expected = job.expected.clone();
+            let source = job.source.clone();
             let level = job.compression_level;
-            threads.push(spawn(&format!("tideline-hash{i}"), move || {
-                work_stage(&batch_rx, &result_tx, &pool_tx, &expected, level);
+            let drop_cache = job.drop_page_cache;
+            let batch_len = (blocks_per_batch * u64::from(geometry.block_size)) as usize;
+            threads.push(spawn(&format!("tideline-scan{i}"), move || {
+                work_stage(
+                    &*source, &job_rx, &result_tx, &expected, level, batch_len, drop_cache,
+                );
             }));
         }
         drop(result_tx);
@@ -209,21 +213,16 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
         .expect("cannot spawn a pipeline thread")
 }
 
-#[allow(clippy::too_many_arguments)]
-fn read_stage(
+fn plan_stage(
     source: &dyn DiskSource,
     g: Geometry,
     from: u64,
     per_batch: u64,
-    buffers: usize,
-    batch_tx: &SyncSender<Batch>,
-    pool_rx: &Receiver<Vec<u8>>,
+    job_tx: &SyncSender<Job>,
     cancel: &AtomicBool,
 ) -> Result<(), String> {
-    let batch_len = (per_batch * u64::from(g.block_size)) as usize;
     let mut block = from;
     let mut seq = 0;
-    let mut spare = buffers;
     while block < g.block_count {
         if cancel.load(Ordering::Relaxed) {
             return Ok(());
@@ -231,23 +230,6 @@ fn read_stage(
         let blocks = per_batch.min(g.block_count - block);
         let start = g.offset(block);
         let end = (start + blocks * u64::from(g.block_size)).min(g.disk_size);
-        let len = (end - start) as usize;
-        let mut buf = match pool_rx.try_recv() {
-            Ok(b) => b,
-            Err(_) if spare > 0 => {
-                spare -= 1;
-                Vec::with_capacity(batch_len)
-            }
-            Err(_) => match pool_rx.recv() {
-                Ok(b) => b,
-                Err(_) => return Ok(()),
-            },
-        };
-        buf.clear();
-        buf.resize(len, 0);
-
-        // Find the data extents of [start, end); everything else is a hole
-        // and stays zero in the buffer without being read.
         let mut extents = Vec::new();
         let mut pos = start;
         while pos < end {
@@ -257,8 +239,7 @@ fn read_stage(
                     if ds >= end {
                         break;
                     }
-                    let s = ds.max(pos);
-                    let e = de.min(end);
+                    let (s, e) = (ds.max(pos), de.min(end));
                     if e > s {
                         extents.push((s, e));
                     }
@@ -266,34 +247,70 @@ fn read_stage(
                 }
             }
         }
-        let mut holes = vec![true; blocks as usize];
-        for &(s, e) in &extents {
-            source
-                .read_exact_at(&mut buf[(s - start) as usize..(e - start) as usize], s)
-                .map_err(|e| e.to_string())?;
-            let first = (s - start) / u64::from(g.block_size);
-            let last = (e - 1 - start) / u64::from(g.block_size);
-            for h in &mut holes[first as usize..=last as usize] {
-                *h = false;
-            }
-        }
-        source.done_with(start, end - start);
-        if batch_tx
-            .send(Batch {
-                seq,
-                first_block: block,
-                blocks,
-                buf,
-                holes,
-            })
-            .is_err()
-        {
+        let job = Job {
+            seq,
+            first_block: block,
+            blocks,
+            extents,
+        };
+        if job_tx.send(job).is_err() {
             return Ok(());
         }
         seq += 1;
         block += blocks;
     }
     Ok(())
+}
+
+/// Reads a job's data extents into `buf` (laid out from the batch start)
+/// and returns which blocks are entirely holes. Bytes of a partly covered
+/// block that fall in a hole are zeroed; fully hole blocks are not touched.
+fn read_job(
+    source: &dyn DiskSource,
+    g: Geometry,
+    job: &Job,
+    buf: &mut [u8],
+) -> Result<Vec<bool>, String> {
+    let start = g.offset(job.first_block);
+    let bs = u64::from(g.block_size);
+    let mut holes = vec![true; job.blocks as usize];
+    for &(s, e) in &job.extents {
+        source
+            .read_exact_at(&mut buf[(s - start) as usize..(e - start) as usize], s)
+            .map_err(|e| e.to_string())?;
+        for h in &mut holes[((s - start) / bs) as usize..=((e - 1 - start) / bs) as usize] {
+            *h = false;
+        }
+    }
+    // Zero the hole parts of blocks that also hold data.
+    let mut covered_to = start;
+    let batch_end = (start + job.blocks * bs).min(g.disk_size);
+    let gaps = job
+        .extents
+        .iter()
+        .map(|&(s, e)| {
+            let gap = (covered_to, s);
+            covered_to = e;
+            gap
+        })
+        .collect::<Vec<_>>();
+    for (gs, ge) in gaps
+        .into_iter()
+        .chain(std::iter::once((covered_to, batch_end)))
+    {
+        if ge <= gs {
+            continue;
+        }
+        let (first, last) = ((gs - start) / bs, (ge - 1 - start) / bs);
+        for b in first..=last {
+            if !holes[b as usize] {
+                let bstart = start + b * bs;
+                let (zs, ze) = (gs.max(bstart), ge.min(bstart + bs));
+                buf[(zs - start) as usize..(ze - start) as usize].fill(0);
+            }
+        }
+    }
+    Ok(holes)
 }
 
 /// Whether every byte of `data` is zero, eight bytes at a time.
@@ -311,11 +328,13 @@ pub fn is_all_zero(data: &[u8]) -> bool {
 }
 
 fn work_stage(
-    batch_rx: &Mutex<Receiver<Batch>>,
+    source: &dyn DiskSource,
+    job_rx: &Mutex<Receiver<Job>>,
     result_tx: &SyncSender<Result<BatchResult, String>>,
-    pool_tx: &SyncSender<Vec<u8>>,
     expected: &ExpectedIndex,
     level: i32,
+    batch_len: usize,
+    drop_cache: bool,
 ) {
     let g = expected.geometry();
     let zero = *expected.zero_digests();
@@ -326,24 +345,37 @@ fn work_stage(
             return;
         }
     };
+    let mut buf = vec![0u8; batch_len];
     loop {
         let batch = {
-            let Ok(rx) = batch_rx.lock() else { return };
+            let Ok(rx) = job_rx.lock() else { return };
             match rx.recv() {
                 Ok(b) => b,
                 Err(_) => return,
             }
         };
+        let holes = match read_job(source, g, &batch, &mut buf) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = result_tx.send(Err(e));
+                return;
+            }
+        };
+        if drop_cache {
+            if let (Some(&(s, _)), Some(&(_, e))) = (batch.extents.first(), batch.extents.last()) {
+                source.done_with(s, e - s);
+            }
+        }
         let mut stats = ScanStats::default();
         let mut changed = Vec::new();
         let mut off = 0usize;
         for i in 0..batch.blocks {
             let block = batch.first_block + i;
             let len = g.block_len(block) as usize;
-            let data = &batch.buf[off..off + len];
+            let is_hole = holes[i as usize];
+            let data = &buf[off..off + len];
             off += len;
             stats.blocks += 1;
-            let is_hole = batch.holes[i as usize];
             if is_hole {
                 stats.bytes_in_holes += len as u64;
             } else {
@@ -379,7 +411,6 @@ fn work_stage(
             });
         }
         let next_block = batch.first_block + batch.blocks;
-        let _ = pool_tx.try_send(batch.buf);
         if result_tx
             .send(Ok(BatchResult {
                 seq: batch.seq,
@@ -454,6 +485,125 @@ fn order_stage(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::SourceError;
+
+    /// A disk whose data extents are given; bytes outside them are zero.
+    struct Patchy {
+        data: Vec<u8>,
+        extents: Vec<(u64, u64)>,
+    }
+
+    impl DiskSource for Patchy {
+        fn describe(&self) -> &str {
+            "patchy"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.data[o..o + buf.len()]);
+            Ok(())
+        }
+        fn next_data(&self, offset: u64) -> Result<Option<(u64, u64)>, SourceError> {
+            Ok(self
+                .extents
+                .iter()
+                .find(|&&(_, e)| e > offset)
+                .map(|&(s, e)| (s.max(offset), e)))
+        }
+    }
+
+    fn scan_all(
+        source: Patchy,
+        block_size: u32,
+        batch_bytes: u32,
+        workers: usize,
+    ) -> (Vec<ChangedBlock>, ScanStats) {
+        let g = Geometry::new(source.size(), block_size);
+        let job = ScanJob {
+            source: Arc::new(source),
+            expected: ExpectedIndex::zero(g),
+            from_block: 0,
+            compression_level: 1,
+            workers,
+            batch_bytes,
+            drop_page_cache: false,
+        };
+        let (_scan, mut rx) = Scan::start(job, 8);
+        let mut changed = Vec::new();
+        loop {
+            match rx.blocking_recv() {
+                Some(ScanItem::Changed(c)) => changed.push(c),
+                Some(ScanItem::Scanned { .. }) => {}
+                Some(ScanItem::Finished(s)) => return (changed, s),
+                Some(ScanItem::Failed(e)) => panic!("scan failed: {e}"),
+                None => panic!("scan ended without Finished"),
+            }
+        }
+    }
+
+    #[test]
+    fn holes_and_stale_buffers_never_leak_into_digests() {
+        // Batch 1 is all data (fills the worker's buffer); batch 2 has a
+        // block half in a hole and a block entirely in a hole, whose buffer
+        // bytes are stale from batch 1.
+        let bs = 4096usize;
+        let mut data = vec![0xAAu8; 8 * bs];
+        let extents = vec![
+            (0, 4 * bs as u64),
+            (4 * bs as u64, 4 * bs as u64 + 1000),
+            (7 * bs as u64, 8 * bs as u64),
+        ];
+        // Real content: zeros outside the extents.
+        for b in &mut data[4 * bs + 1000..7 * bs] {
+            *b = 0;
+        }
+        let source = Patchy {
+            data: data.clone(),
+            extents,
+        };
+        let (changed, stats) = scan_all(source, bs as u32, 4 * bs as u32, 1);
+        let got: Vec<u64> = changed.iter().map(|c| c.block).collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 7], "blocks 5 and 6 are holes");
+        for c in &changed {
+            let start = c.block as usize * bs;
+            assert_eq!(
+                c.digest,
+                Digest::of(&data[start..start + bs]),
+                "block {}",
+                c.block
+            );
+        }
+        assert_eq!(stats.bytes_in_holes, 2 * bs as u64);
+    }
+
+    #[test]
+    fn many_workers_keep_block_order_and_find_every_change() {
+        let bs = 4096usize;
+        let mut data = vec![0u8; 301 * bs + 17];
+        for (i, chunk) in data.chunks_mut(bs).enumerate() {
+            if i % 3 != 0 {
+                chunk.fill((i % 251) as u8 + 1);
+            }
+        }
+        let len = data.len() as u64;
+        let (changed, stats) = scan_all(
+            Patchy {
+                data: data.clone(),
+                extents: vec![(0, len)],
+            },
+            bs as u32,
+            8 * bs as u32,
+            3,
+        );
+        let blocks: Vec<u64> = changed.iter().map(|c| c.block).collect();
+        let expected: Vec<u64> = (0..302u64).filter(|i| i % 3 != 0).collect();
+        assert_eq!(blocks, expected);
+        assert_eq!(stats.blocks, 302);
+        let tail = changed.last().map(|c| c.raw_len);
+        assert_eq!(tail, Some(17));
+    }
 
     #[test]
     fn zero_detection() {

@@ -197,6 +197,7 @@ impl AgentSession {
                 compression_level: cfg.sync.compression_level,
                 workers: cfg.sync.worker_count(),
                 batch_bytes: cfg.sync.batch_bytes,
+                drop_page_cache: cfg.sync.drop_page_cache,
             },
         ))
     }
