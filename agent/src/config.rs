@@ -163,7 +163,9 @@ impl SyncSection {
 pub struct DiskSection {
     /// Stable id of the disk (letters, digits, `.`, `_`, `-`).
     pub id: String,
-    /// Raw image file or block device.
+    /// Where the disk is: a raw image file or block device, a `.vmdk`
+    /// export, or an `nbd://host[:port]/export` or
+    /// `nbd+unix:///export?socket=PATH` URI.
     pub path: PathBuf,
     /// Block size in bytes (power of two, 4 KiB to 4 MiB).
     #[serde(default = "default_block_size")]
@@ -224,7 +226,7 @@ impl AgentConfig {
             }
         }
         for d in &mut cfg.disks {
-            if d.path.is_relative() {
+            if d.path.is_relative() && !crate::source::is_nbd_uri(&d.path.to_string_lossy()) {
                 d.path = base.join(&d.path);
             }
         }

@@ -51,7 +51,7 @@ fn real_main() -> Result<()> {
                 &cfg.tls.key,
             )?;
             for d in &cfg.disks {
-                tideline_agent::source::RawDisk::open(&d.path)
+                tideline_agent::source::open(&d.path)
                     .with_context(|| format!("disk {:?}", d.id))?;
             }
             println!("{}: ok ({} disks)", cli.config.display(), cfg.disks.len());

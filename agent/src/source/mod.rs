@@ -8,14 +8,41 @@
 //! engine tells the source with [`DiskSource::done_with`] so that a scan of a
 //! whole disk does not push the machine's working set out of the page cache.
 //!
-//! Implemented now by [`raw::RawDisk`] (raw image files and block devices);
-//! VMDK exports and NBD exports will implement the same trait.
+//! Implementations: [`raw::RawDisk`] (raw image files and block devices),
+//! [`vmdk::VmdkDisk`] (VMDK exports, every layout ESXi and OVA exports use),
+//! and [`nbd::NbdDisk`] (NBD exports, with block status). [`open`] picks one
+//! from the disk's configured location.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+pub mod nbd;
 pub mod raw;
+pub mod vmdk;
 
+pub use nbd::NbdDisk;
 pub use raw::RawDisk;
+pub use vmdk::VmdkDisk;
+
+/// Whether a configured disk location is an NBD URI rather than a path.
+pub fn is_nbd_uri(location: &str) -> bool {
+    location.starts_with("nbd://") || location.starts_with("nbd+unix://")
+}
+
+/// Opens the disk at `location`: an `nbd://` or `nbd+unix://` URI, a
+/// `.vmdk` file, or else a raw image file or block device.
+pub fn open(location: &Path) -> Result<Box<dyn DiskSource>, SourceError> {
+    let text = location.to_string_lossy();
+    if is_nbd_uri(&text) {
+        return Ok(Box::new(NbdDisk::connect(&text)?));
+    }
+    let is_vmdk = location
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("vmdk"));
+    if is_vmdk {
+        return Ok(Box::new(VmdkDisk::open(location)?));
+    }
+    Ok(Box::new(RawDisk::open(location)?))
+}
 
 /// A readable disk of fixed size.
 ///
@@ -93,6 +120,13 @@ pub enum SourceError {
         /// Size of the disk when opened.
         size: u64,
     },
+    /// A VMDK file or its descriptor is unusable (the message names the file
+    /// and the defect).
+    #[error(transparent)]
+    Vmdk(#[from] vmdk::VmdkError),
+    /// An NBD export could not be reached or misbehaved.
+    #[error(transparent)]
+    Nbd(#[from] nbd::NbdError),
     /// Finding data extents (SEEK_DATA / SEEK_HOLE) failed.
     #[error("cannot find data extents of disk {disk} at offset {offset}: {source}")]
     Extents {

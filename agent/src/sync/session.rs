@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use super::expected::ExpectedIndex;
 use super::pipeline::ScanJob;
 use crate::config::{AgentConfig, DiskSection};
-use crate::source::{DiskSource, RawDisk, SourceError};
+use crate::source::{DiskSource, SourceError};
 use crate::tracking::{BlockMap, BlockMapWriter, ChangeLog, DiskState, TrackingError};
 
 /// Why a session cannot go on.
@@ -302,7 +302,7 @@ fn prepare_disk(
     dcfg: &DiskSection,
     state_dir: &Path,
 ) -> Result<DiskJob, SessionError> {
-    let source: Arc<dyn DiskSource> = Arc::new(RawDisk::open(&dcfg.path)?);
+    let source: Arc<dyn DiskSource> = Arc::from(crate::source::open(&dcfg.path)?);
     let geometry = Geometry::new(source.size(), dcfg.block_size);
     let state = DiskState::prepare(state_dir, &d.id)?;
     let mut log = open_or_discard(ChangeLog::open(&state.change_log), &state.change_log)?;

@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
-use crate::source::{DiskSource, RawDisk};
 use crate::sync::pipeline::{Scan, ScanItem, ScanStats};
 use crate::sync::session::{AgentSession, SessionError};
 use crate::transport::tls::client_config;
@@ -97,7 +96,7 @@ pub fn inventory(cfg: &AgentConfig) -> Inventory {
     let disks = cfg
         .disks
         .iter()
-        .filter_map(|d| match RawDisk::open(&d.path) {
+        .filter_map(|d| match crate::source::open(&d.path) {
             Ok(src) => Some(DiskInfo {
                 id: d.id.clone(),
                 size: src.size(),
