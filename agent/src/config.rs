@@ -170,6 +170,16 @@ pub struct DiskSection {
     /// Block size in bytes (power of two, 4 KiB to 4 MiB).
     #[serde(default = "default_block_size")]
     pub block_size: u32,
+    /// A VMware CBT changed-areas list (JSON, see `docs/operations.md`)
+    /// describing this export; when it follows the last committed point,
+    /// only its areas are read.
+    #[serde(default)]
+    pub cbt_file: Option<PathBuf>,
+    /// A QEMU dirty bitmap exported over NBD (`qemu-nbd -B NAME`); when it
+    /// has tracked since the last committed point, only dirty extents are
+    /// read. Only for `nbd://` and `nbd+unix://` disks.
+    #[serde(default)]
+    pub dirty_bitmap: Option<String>,
 }
 
 fn default_reconnect_min_ms() -> u64 {
@@ -228,6 +238,11 @@ impl AgentConfig {
         for d in &mut cfg.disks {
             if d.path.is_relative() && !crate::source::is_nbd_uri(&d.path.to_string_lossy()) {
                 d.path = base.join(&d.path);
+            }
+            if let Some(c) = &mut d.cbt_file {
+                if c.is_relative() {
+                    *c = base.join(&*c);
+                }
             }
         }
         cfg.validate(path)?;
@@ -290,6 +305,18 @@ impl AgentConfig {
                 return Err(bad(
                     format!("disk[{i}].id"),
                     format!("{:?} appears twice", d.id),
+                ));
+            }
+            if d.dirty_bitmap.is_some() && !crate::source::is_nbd_uri(&d.path.to_string_lossy()) {
+                return Err(bad(
+                    format!("disk[{i}].dirty_bitmap"),
+                    "dirty bitmaps are read over NBD: the disk's path must be an nbd:// or nbd+unix:// URI".into(),
+                ));
+            }
+            if d.dirty_bitmap.is_some() && d.cbt_file.is_some() {
+                return Err(bad(
+                    format!("disk[{i}]"),
+                    "set either cbt_file or dirty_bitmap, not both".into(),
                 ));
             }
             if !valid_block_size(d.block_size) {

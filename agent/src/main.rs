@@ -80,6 +80,7 @@ fn run(cfg: AgentConfig) -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     std::fs::create_dir_all(&cfg.state.dir)
         .with_context(|| format!("cannot create state directory {}", cfg.state.dir.display()))?;

@@ -321,6 +321,7 @@ fn serve(cfg: ControllerConfig) -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let tls = tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let store = Store::open(&cfg.store.dir)

@@ -6,6 +6,7 @@
 //! * [`session`]: per-session bookkeeping on the agent (block map checks,
 //!   base index download, change log, map advance on commit).
 
+pub mod changes;
 pub mod expected;
 pub mod pipeline;
 pub mod session;

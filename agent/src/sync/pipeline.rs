@@ -60,6 +60,8 @@ pub struct ScanStats {
     pub payload_bytes: u64,
     /// Blocks that were all zeros (read or hole).
     pub zero_blocks: u64,
+    /// Blocks not looked at because the change source vouched for them.
+    pub skipped_blocks: u64,
     /// Seconds from start to finish.
     pub seconds: f64,
 }
@@ -73,6 +75,7 @@ impl ScanStats {
         self.changed_bytes += o.changed_bytes;
         self.payload_bytes += o.payload_bytes;
         self.zero_blocks += o.zero_blocks;
+        self.skipped_blocks += o.skipped_blocks;
     }
 }
 
@@ -112,6 +115,10 @@ pub struct ScanJob {
     /// (`posix_fadvise(DONTNEED)`); off by default because it also drops
     /// pages the host's own workload had cached.
     pub drop_page_cache: bool,
+    /// When a change source vouches for the base point: the byte extents
+    /// `[start, end)` that may have changed, sorted and merged. Blocks
+    /// outside them are not read and are taken to be unchanged.
+    pub only: Option<Arc<Vec<(u64, u64)>>>,
 }
 
 /// A batch to read and hash: its blocks and where their data is.
@@ -121,6 +128,9 @@ struct Job {
     blocks: u64,
     /// Data extents `[start, end)` inside the batch; the rest are holes.
     extents: Vec<(u64, u64)>,
+    /// With a change source: which blocks of the batch to look at at all
+    /// (the others are unchanged by the source's word).
+    active: Option<Vec<bool>>,
 }
 
 struct BatchResult {
@@ -155,9 +165,11 @@ impl Scan {
             let source = job.source.clone();
             let result_tx = result_tx.clone();
             let from = job.from_block;
+            let only = job.only.clone();
             threads.push(spawn("tideline-plan", move || {
+                let only = only.as_ref().map(|v| v.as_slice());
                 if let Err(e) =
-                    plan_stage(&*source, geometry, from, blocks_per_batch, &job_tx, &cancel)
+                    plan_stage(&*source, geometry, from, blocks_per_batch, only, &job_tx, &cancel)
                 {
                     let _ = result_tx.send(Err(e));
                 }
@@ -213,37 +225,75 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
         .expect("cannot spawn a pipeline thread")
 }
 
+/// The byte ranges of `[start, end)` that a change source names, widened to
+/// whole blocks; `cursor` advances through the sorted `only` list.
+fn active_ranges(only: &[(u64, u64)], cursor: &mut usize, start: u64, end: u64, bs: u64) -> Vec<(u64, u64)> {
+    while *cursor < only.len() && only[*cursor].1 <= start {
+        *cursor += 1;
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut i = *cursor;
+    while i < only.len() && only[i].0 < end {
+        let s = (only[i].0.max(start) / bs) * bs;
+        let e = only[i].1.min(end).div_ceil(bs).saturating_mul(bs).min(end);
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+        i += 1;
+    }
+    out
+}
+
 fn plan_stage(
     source: &dyn DiskSource,
     g: Geometry,
     from: u64,
     per_batch: u64,
+    only: Option<&[(u64, u64)]>,
     job_tx: &SyncSender<Job>,
     cancel: &AtomicBool,
 ) -> Result<(), String> {
+    let bs = u64::from(g.block_size);
     let mut block = from;
     let mut seq = 0;
+    let mut cursor = 0usize;
     while block < g.block_count {
         if cancel.load(Ordering::Relaxed) {
             return Ok(());
         }
         let blocks = per_batch.min(g.block_count - block);
         let start = g.offset(block);
-        let end = (start + blocks * u64::from(g.block_size)).min(g.disk_size);
+        let end = (start + blocks * bs).min(g.disk_size);
+        let (ranges, active) = match only {
+            None => (vec![(start, end)], None),
+            Some(list) => {
+                let ranges = active_ranges(list, &mut cursor, start, end, bs);
+                let mut active = vec![false; blocks as usize];
+                for &(s, e) in &ranges {
+                    for a in &mut active[((s - start) / bs) as usize..((e - start).div_ceil(bs)) as usize] {
+                        *a = true;
+                    }
+                }
+                (ranges, Some(active))
+            }
+        };
         let mut extents = Vec::new();
-        let mut pos = start;
-        while pos < end {
-            match source.next_data(pos).map_err(|e| e.to_string())? {
-                None => break,
-                Some((ds, de)) => {
-                    if ds >= end {
-                        break;
+        for (rs, re) in ranges {
+            let mut pos = rs;
+            while pos < re {
+                match source.next_data(pos).map_err(|e| e.to_string())? {
+                    None => break,
+                    Some((ds, de)) => {
+                        if ds >= re {
+                            break;
+                        }
+                        let (s, e) = (ds.max(pos), de.min(re));
+                        if e > s {
+                            extents.push((s, e));
+                        }
+                        pos = de.max(pos + 1);
                     }
-                    let (s, e) = (ds.max(pos), de.min(end));
-                    if e > s {
-                        extents.push((s, e));
-                    }
-                    pos = de.max(pos + 1);
                 }
             }
         }
@@ -252,6 +302,7 @@ fn plan_stage(
             first_block: block,
             blocks,
             extents,
+            active,
         };
         if job_tx.send(job).is_err() {
             return Ok(());
@@ -375,6 +426,10 @@ fn work_stage(
             let is_hole = holes[i as usize];
             let data = &buf[off..off + len];
             off += len;
+            if batch.active.as_ref().is_some_and(|a| !a[i as usize]) {
+                stats.skipped_blocks += 1;
+                continue;
+            }
             stats.blocks += 1;
             if is_hole {
                 stats.bytes_in_holes += len as u64;
@@ -520,6 +575,16 @@ mod tests {
         batch_bytes: u32,
         workers: usize,
     ) -> (Vec<ChangedBlock>, ScanStats) {
+        scan_only(source, block_size, batch_bytes, workers, None)
+    }
+
+    fn scan_only(
+        source: Patchy,
+        block_size: u32,
+        batch_bytes: u32,
+        workers: usize,
+        only: Option<Vec<(u64, u64)>>,
+    ) -> (Vec<ChangedBlock>, ScanStats) {
         let g = Geometry::new(source.size(), block_size);
         let job = ScanJob {
             source: Arc::new(source),
@@ -529,6 +594,7 @@ mod tests {
             workers,
             batch_bytes,
             drop_page_cache: false,
+            only: only.map(Arc::new),
         };
         let (_scan, mut rx) = Scan::start(job, 8);
         let mut changed = Vec::new();
@@ -576,6 +642,23 @@ mod tests {
             );
         }
         assert_eq!(stats.bytes_in_holes, 2 * bs as u64);
+    }
+
+    #[test]
+    fn a_change_source_limits_the_scan_to_its_extents() {
+        // Every block holds data, but the change source names only bytes in
+        // blocks 3, 4 (one extent straddling them) and 40: nothing else is
+        // read or compared.
+        let bs = 4096u64;
+        let data = vec![7u8; 64 * bs as usize];
+        let only = vec![(3 * bs + 100, 4 * bs + 1), (40 * bs + 4095, 40 * bs + 4096)];
+        let source = Patchy { data, extents: vec![(0, 64 * bs)] };
+        let (changed, stats) = scan_only(source, bs as u32, 16 * bs as u32, 2, Some(only));
+        let blocks: Vec<u64> = changed.iter().map(|c| c.block).collect();
+        assert_eq!(blocks, vec![3, 4, 40]);
+        assert_eq!(stats.blocks, 3);
+        assert_eq!(stats.skipped_blocks, 61);
+        assert_eq!(stats.bytes_read, 3 * bs);
     }
 
     #[test]

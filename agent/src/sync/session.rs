@@ -16,10 +16,11 @@ use tideline_protocol::message::{Committed, DiskEnd, IndexChunk, ReadyDisk, Star
 use tideline_protocol::{Digest, Geometry, IndexRootHasher};
 use tracing::{info, warn};
 
+use super::changes::{trust_bitmap, trust_cbt, CbtList, ChangeRecord};
 use super::expected::ExpectedIndex;
 use super::pipeline::ScanJob;
 use crate::config::{AgentConfig, DiskSection};
-use crate::source::{DiskSource, SourceError};
+use crate::source::{DiskSource, NbdDisk, SourceError};
 use crate::tracking::{BlockMap, BlockMapWriter, ChangeLog, DiskState, TrackingError};
 
 /// Why a session cannot go on.
@@ -77,6 +78,10 @@ struct DiskJob {
     /// The session's change log; taken when the point is committed.
     log: Option<ChangeLog>,
     resume_from: u64,
+    /// Extents a trusted change source names (None: scan everything).
+    only: Option<Arc<Vec<(u64, u64)>>>,
+    /// What to record about the change source once the point is committed.
+    next_record: ChangeRecord,
 }
 
 /// A sync session in progress on the agent.
@@ -198,6 +203,7 @@ impl AgentSession {
                 workers: cfg.sync.worker_count(),
                 batch_bytes: cfg.sync.batch_bytes,
                 drop_page_cache: cfg.sync.drop_page_cache,
+                only: job.only.clone(),
             },
         ))
     }
@@ -291,6 +297,13 @@ impl AgentSession {
             advance_map(&job.state, &log)?;
             log.remove()?;
         }
+        let record = ChangeRecord {
+            point: c.point,
+            ..job.next_record.clone()
+        };
+        if let Err(e) = record.save(&job.state.dir) {
+            warn!(disk = %job.id, error = %e, "cannot record the change source; the next sync will scan");
+        }
         info!(disk = %job.id, point = c.point, "block map advanced to committed point");
         Ok(())
     }
@@ -302,7 +315,15 @@ fn prepare_disk(
     dcfg: &DiskSection,
     state_dir: &Path,
 ) -> Result<DiskJob, SessionError> {
-    let source: Arc<dyn DiskSource> = Arc::from(crate::source::open(&dcfg.path)?);
+    let (source, bitmap_disk): (Arc<dyn DiskSource>, Option<Arc<NbdDisk>>) = match &dcfg.dirty_bitmap {
+        Some(name) => {
+            let disk = Arc::new(
+                NbdDisk::connect_with_bitmap(&dcfg.path.to_string_lossy(), Some(name)).map_err(SourceError::from)?,
+            );
+            (disk.clone(), Some(disk))
+        }
+        None => (Arc::from(crate::source::open(&dcfg.path)?), None),
+    };
     let geometry = Geometry::new(source.size(), dcfg.block_size);
     let state = DiskState::prepare(state_dir, &d.id)?;
     let mut log = open_or_discard(ChangeLog::open(&state.change_log), &state.change_log)?;
@@ -382,6 +403,7 @@ fn prepare_disk(
         }
         _ => ChangeLog::create(&state.change_log, session, d.point, base_point, geometry)?,
     };
+    let (only, next_record) = consult_change_source(d, dcfg, geometry, &state, bitmap_disk.as_deref())?;
     Ok(DiskJob {
         id: d.id.clone(),
         source,
@@ -390,7 +412,61 @@ fn prepare_disk(
         expected,
         log: Some(log),
         resume_from: d.resume_from,
+        only: only.map(Arc::new),
+        next_record,
     })
+}
+
+/// Asks the disk's change source (CBT list or dirty bitmap), if any, which
+/// extents may have changed since the base point, and whether it can vouch
+/// for that; returns those extents (None: scan everything) and what to
+/// record about the source once this point is committed.
+fn consult_change_source(
+    d: &tideline_protocol::message::SyncDisk,
+    dcfg: &DiskSection,
+    geometry: Geometry,
+    state: &DiskState,
+    bitmap_disk: Option<&NbdDisk>,
+) -> Result<(Option<Vec<(u64, u64)>>, ChangeRecord), SessionError> {
+    let record = ChangeRecord::load(&state.dir);
+    let mut next = ChangeRecord {
+        point: d.point,
+        cbt_change_id: None,
+        bitmap: None,
+    };
+    // A change of size is a change no list describes: scan.
+    let base = d
+        .base
+        .filter(|b| Geometry::new(b.disk_size, b.block_size) == geometry);
+    let mut only = None;
+    if let Some(path) = &dcfg.cbt_file {
+        match CbtList::load(path, geometry.disk_size) {
+            Ok(list) => {
+                if let Some(b) = base {
+                    if trust_cbt(&d.id, &list, record.as_ref(), b.point) {
+                        only = Some(list.extents.clone());
+                    }
+                }
+                next.cbt_change_id = Some(list.change_id);
+            }
+            Err(e) => warn!(disk = %d.id, error = %e, "CBT list unusable; hash scan"),
+        }
+    }
+    if let (Some(name), Some(disk)) = (&dcfg.dirty_bitmap, bitmap_disk) {
+        let offered = disk.has_bitmap();
+        if let Some(b) = base {
+            if trust_bitmap(&d.id, name, offered, record.as_ref(), b.point) {
+                only = Some(
+                    disk.dirty_extents(name, 0, geometry.disk_size)
+                        .map_err(SourceError::from)?,
+                );
+            }
+        }
+        if offered {
+            next.bitmap = Some(name.clone());
+        }
+    }
+    Ok((only, next))
 }
 
 /// Brings the block map from the log's base point to the log's point.

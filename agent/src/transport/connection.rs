@@ -491,6 +491,7 @@ fn log_scan(disk: &str, s: &ScanStats) {
         disk,
         blocks = s.blocks,
         changed = s.changed_blocks,
+        skipped_by_change_source = s.skipped_blocks,
         bytes_read = s.bytes_read,
         bytes_in_holes = s.bytes_in_holes,
         payload_bytes = s.payload_bytes,
