@@ -6,6 +6,7 @@
 //! agent dials out and never listens on a port.
 
 pub mod config;
+pub mod dump;
 pub mod source;
 pub mod sync;
 pub mod tracking;

@@ -31,6 +31,19 @@ enum Command {
     CheckConfig,
     /// Print the disks the agent would report, as JSON.
     Inventory,
+    /// Write a disk as the agent reads it (raw file, block device, .vmdk or
+    /// nbd:// URI) to a sparse raw image, to compare with other tools.
+    Dump {
+        /// Disk location, as in `[[disk]] path`.
+        #[arg(long)]
+        path: PathBuf,
+        /// Output raw image.
+        #[arg(long)]
+        out: PathBuf,
+        /// Reader threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
 }
 
 fn main() {
@@ -42,6 +55,18 @@ fn main() {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Dump { path, out, threads }) = &cli.command {
+        let started = std::time::Instant::now();
+        let source = tideline_agent::source::open(path)?;
+        let stats = tideline_agent::dump::dump(&*source, out, *threads)
+            .with_context(|| format!("dumping {} to {}", path.display(), out.display()))?;
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({"size": stats.size, "bytes_read": stats.bytes_read, "seconds": secs})
+        );
+        return Ok(());
+    }
     let cfg = AgentConfig::load(&cli.config)?;
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
@@ -70,6 +95,7 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Command::Run => run(cfg),
+        Command::Dump { .. } => Ok(()),
     }
 }
 
