@@ -403,7 +403,7 @@ fn prepare_disk(
         }
         _ => ChangeLog::create(&state.change_log, session, d.point, base_point, geometry)?,
     };
-    let (only, next_record) = consult_change_source(d, dcfg, geometry, &state, bitmap_disk.as_deref())?;
+    let plan = consult_change_source(d, dcfg, geometry, &state, bitmap_disk.as_deref())?;
     Ok(DiskJob {
         id: d.id.clone(),
         source,
@@ -412,8 +412,8 @@ fn prepare_disk(
         expected,
         log: Some(log),
         resume_from: d.resume_from,
-        only: only.map(Arc::new),
-        next_record,
+        only: plan.only.map(Arc::new),
+        next_record: plan.record,
     })
 }
 
@@ -427,7 +427,7 @@ fn consult_change_source(
     geometry: Geometry,
     state: &DiskState,
     bitmap_disk: Option<&NbdDisk>,
-) -> Result<(Option<Vec<(u64, u64)>>, ChangeRecord), SessionError> {
+) -> Result<ChangePlan, SessionError> {
     let record = ChangeRecord::load(&state.dir);
     let mut next = ChangeRecord {
         point: d.point,
@@ -466,7 +466,15 @@ fn consult_change_source(
             next.bitmap = Some(name.clone());
         }
     }
-    Ok((only, next))
+    Ok(ChangePlan { only, record: next })
+}
+
+/// What a change source says for one sync.
+struct ChangePlan {
+    /// Extents that may have changed (None: scan everything).
+    only: Option<Vec<(u64, u64)>>,
+    /// What to record once the point is committed.
+    record: ChangeRecord,
 }
 
 /// Brings the block map from the log's base point to the log's point.
