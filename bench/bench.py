@@ -403,7 +403,7 @@ class Cluster:
     """One controller with its own store, and agents started one per phase,
     all in `root`, on 127.0.0.1."""
 
-    def __init__(self, bins, pki, root, image, block_size=None):
+    def __init__(self, bins, pki, root, image, block_size=None, disk_extra=""):
         self.ctl_bin = os.path.join(bins, "tideline-controller")
         self.agent_bin = os.path.join(bins, "tideline-agent")
         self.root = root
@@ -429,6 +429,7 @@ class Cluster:
                 f'[state]\ndir = "{self.state}"\n'
                 f'[[disk]]\nid = "{DISK_ID}"\npath = "{image}"\n'
                 + (f"block_size = {block_size}\n" if block_size else "")
+                + disk_extra
             )
         self.ctl = None
         self.agent = None
@@ -827,11 +828,16 @@ def main():
     p.add_argument("--block-size-study", action="store_true")
     p.add_argument("--study-block-sizes", default="16k,64k,256k,1m")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--formats", action="store_true",
+                   help="the format benchmarks instead: dirty-bitmap incremental over NBD, streamOptimized VMDK reads")
+    p.add_argument("--vmdk-gib", type=float, default=2, help="image size of the VMDK read benchmark")
+    p.add_argument("--skip-bitmap", action="store_true", help="with --formats: skip the dirty-bitmap benchmark")
+    p.add_argument("--skip-vmdk", action="store_true", help="with --formats: skip the VMDK benchmark")
     args = p.parse_args()
     args.rss_sizes = [float(x) for x in args.rss_sizes.split(",") if x.strip()]
     args.study_block_sizes = [size_arg(x) for x in args.study_block_sizes.split(",") if x.strip()]
     if args.size_gib is None:
-        args.size_gib = 1 if args.block_size_study else 4
+        args.size_gib = 1 if args.block_size_study else 8 if args.formats else 4
     for tool in ("zstd", "b3sum", "rsync", "du", "cp"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found; run scripts/install-deps.sh")
@@ -845,7 +851,11 @@ def main():
     out = {"started": started.isoformat(timespec="seconds"), "argv": sys.argv[1:],
            "machine": machine(), "cache": cache.mode}
     try:
-        if args.block_size_study:
+        if args.formats:
+            import formats
+
+            out["formats"] = formats.run(args, bins, cache, work)
+        elif args.block_size_study:
             out["study"] = study_run(args, bins, cache, work)
         else:
             out["main"] = main_run(args, bins, cache, work)
@@ -858,7 +868,9 @@ def main():
         m = out["machine"]
         print(f"\nmachine: {m['nproc']} x {m['cpu']}, {m['mem_bytes'] / GiB:.1f} GiB RAM, kernel {m['kernel']}; "
               f"run {out['started']} .. {out['finished']}")
-        if args.block_size_study:
+        if args.formats:
+            pass  # printed as it finished
+        elif args.block_size_study:
             print_study(out["study"], cache)
         else:
             print_main(out["main"], cache)

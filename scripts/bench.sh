@@ -9,7 +9,7 @@
 # Usage: scripts/bench.sh [--size-gib N] [--block-size BYTES] [--workdir DIR]
 #                         [--keep] [--cache auto|cold|warm] [--rss-sizes 1,2]
 #                         [--block-size-study [--study-block-sizes 16k,64k,...]]
-#                         [--json FILE]
+#                         [--json FILE] [--formats [--vmdk-gib N]]
 # Needs: cargo, python3, zstd, b3sum, rsync (scripts/install-deps.sh). Dropping
 # the page cache between phases needs root; without it every tool runs warm.
 set -euo pipefail
