@@ -6,10 +6,12 @@
 #   util-linux  losetup for the block-device tests
 #   b3sum rsync zstd   the tools the benchmark compares against
 #   qemu-utils  qemu-img for image comparisons (kept from backports if present)
+#   nbdkit libnbd-bin   NBD servers and references (nbdinfo, nbdcopy) for the
+#               NBD client's tests
 #   python3     the demo and benchmark drivers
 set -euo pipefail
 
-PACKAGES=(e2fsprogs util-linux b3sum rsync zstd python3 procps)
+PACKAGES=(e2fsprogs util-linux b3sum rsync zstd python3 procps nbdkit libnbd-bin)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
