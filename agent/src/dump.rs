@@ -30,7 +30,11 @@ pub struct DumpStats {
 /// Writes `source` to `out` as a sparse raw image with `threads` readers.
 pub fn dump(source: &dyn DiskSource, out: &Path, threads: usize) -> std::io::Result<DumpStats> {
     let size = source.size();
-    let file = OpenOptions::new().create(true).write(true).truncate(true).open(out)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(out)?;
     file.set_len(size)?;
     let next = AtomicU64::new(0);
     let read = AtomicU64::new(0);
@@ -84,7 +88,9 @@ fn copy_chunk(
         let (s, e) = (ds.max(pos), de.min(end));
         if e > s {
             let part = &mut buf[..(e - s) as usize];
-            source.read_exact_at(part, s).map_err(std::io::Error::other)?;
+            source
+                .read_exact_at(part, s)
+                .map_err(std::io::Error::other)?;
             // Zeros stay holes in the output, as they are in the source.
             if !crate::sync::pipeline::is_all_zero(part) {
                 file.write_all_at(part, s)?;

@@ -480,3 +480,15 @@ pub fn note(path: &Path, line: &str) {
         let _ = writeln!(f, "{line}");
     }
 }
+
+/// Bytes the agent read in its most recent scan, from its log's
+/// "disk scanned" line (`u64::MAX` when there is none).
+pub fn last_scan_bytes_read(log: &str) -> u64 {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("disk scanned"))
+        .and_then(|l| l.split("bytes_read=").nth(1))
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX)
+}

@@ -68,16 +68,6 @@ fn as_raw(w: &World, image: &Path, name: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
-fn last_bytes_read(log: &str) -> u64 {
-    log.lines()
-        .filter(|l| l.contains("disk scanned"))
-        .last()
-        .and_then(|l| l.split("bytes_read=").nth(1))
-        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(u64::MAX)
-}
-
 #[test]
 fn dirty_bitmap_incremental_reads_only_dirty_extents() -> Result<()> {
     let mut w = World::new(&["kvm"])?;
@@ -125,7 +115,7 @@ fn dirty_bitmap_incremental_reads_only_dirty_extents() -> Result<()> {
     let log = w.log("agent-kvm.log");
     assert!(log.contains("using the dirty bitmap"), "{log}");
     assert_eq!(
-        last_bytes_read(&log),
+        last_scan_bytes_read(&log),
         3 * BS,
         "only the dirty extents are read"
     );

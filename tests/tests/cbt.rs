@@ -29,17 +29,6 @@ fn write_cbt(
     Ok(())
 }
 
-/// Bytes the agent read in its last scan, from its log.
-fn last_bytes_read(log: &str) -> u64 {
-    log.lines()
-        .filter(|l| l.contains("disk scanned"))
-        .last()
-        .and_then(|l| l.split("bytes_read=").nth(1))
-        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(u64::MAX)
-}
-
 #[test]
 fn cbt_list_limits_the_read_and_a_broken_chain_falls_back_to_a_scan() -> Result<()> {
     let mut w = World::new(&["vm"])?;
@@ -76,7 +65,7 @@ fn cbt_list_limits_the_read_and_a_broken_chain_falls_back_to_a_scan() -> Result<
     let log = w.log("agent-vm.log");
     assert!(log.contains("using the CBT list"), "{log}");
     assert_eq!(
-        last_bytes_read(&log),
+        last_scan_bytes_read(&log),
         3 * BS,
         "only the three listed blocks are read"
     );
@@ -90,7 +79,7 @@ fn cbt_list_limits_the_read_and_a_broken_chain_falls_back_to_a_scan() -> Result<
     assert_eq!(s["disks"][0]["blocks_received"].as_u64(), Some(1), "{s}");
     let log = w.log("agent-vm.log");
     assert!(log.contains("falling back to a hash scan"), "{log}");
-    assert!(last_bytes_read(&log) > 3 * BS);
+    assert!(last_scan_bytes_read(&log) > 3 * BS);
     assert_same(&w.export("vm", "sda", "latest")?, &img);
     Ok(())
 }

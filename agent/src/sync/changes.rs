@@ -109,7 +109,9 @@ impl CbtList {
             })?
             .len();
         if len > MAX_CBT_FILE {
-            return Err(invalid(format!("{len} bytes, more than the {MAX_CBT_FILE} accepted")));
+            return Err(invalid(format!(
+                "{len} bytes, more than the {MAX_CBT_FILE} accepted"
+            )));
         }
         let text = std::fs::read_to_string(path).map_err(|source| ChangeSourceError::Read {
             path: path.to_owned(),
@@ -120,7 +122,10 @@ impl CbtList {
             return Err(invalid("changeId is empty".into()));
         }
         if file.changed_area.len() > MAX_CBT_AREAS {
-            return Err(invalid(format!("{} changed areas, more than {MAX_CBT_AREAS}", file.changed_area.len())));
+            return Err(invalid(format!(
+                "{} changed areas, more than {MAX_CBT_AREAS}",
+                file.changed_area.len()
+            )));
         }
         let mut extents = Vec::with_capacity(file.changed_area.len());
         for (i, a) in file.changed_area.iter().enumerate() {
@@ -128,7 +133,12 @@ impl CbtList {
                 .start
                 .checked_add(a.length)
                 .filter(|&e| e <= disk_size)
-                .ok_or_else(|| invalid(format!("changedArea[{i}] ({} + {}) runs past the disk's {disk_size} bytes", a.start, a.length)))?;
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "changedArea[{i}] ({} + {}) runs past the disk's {disk_size} bytes",
+                        a.start, a.length
+                    ))
+                })?;
             if a.length > 0 {
                 extents.push((a.start, end));
             }
@@ -188,7 +198,11 @@ impl ChangeRecord {
         let path = disk_dir.join(RECORD_FILE);
         let tmp = disk_dir.join(format!("{RECORD_FILE}.tmp"));
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(serde_json::to_string_pretty(self).map_err(std::io::Error::other)?.as_bytes())?;
+        f.write_all(
+            serde_json::to_string_pretty(self)
+                .map_err(std::io::Error::other)?
+                .as_bytes(),
+        )?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(disk_dir)?.sync_all()
@@ -196,9 +210,16 @@ impl ChangeRecord {
 }
 
 /// Decides whether a CBT list may stand in for a scan against `base_point`.
-pub fn trust_cbt(disk: &str, list: &CbtList, record: Option<&ChangeRecord>, base_point: u64) -> bool {
+pub fn trust_cbt(
+    disk: &str,
+    list: &CbtList,
+    record: Option<&ChangeRecord>,
+    base_point: u64,
+) -> bool {
     let prev = list.previous_change_id.as_deref().filter(|p| *p != "*");
-    let recorded = record.filter(|r| r.point == base_point).and_then(|r| r.cbt_change_id.as_deref());
+    let recorded = record
+        .filter(|r| r.point == base_point)
+        .and_then(|r| r.cbt_change_id.as_deref());
     match (prev, recorded) {
         (Some(p), Some(r)) if p == r => {
             info!(disk, change_id = %list.change_id, previous = p, areas = list.extents.len(), "using the CBT list: only its changed areas are read");
@@ -219,10 +240,20 @@ pub fn trust_cbt(disk: &str, list: &CbtList, record: Option<&ChangeRecord>, base
 
 /// Decides whether a dirty bitmap may stand in for a scan against
 /// `base_point`.
-pub fn trust_bitmap(disk: &str, bitmap: &str, offered: bool, record: Option<&ChangeRecord>, base_point: u64) -> bool {
-    let tracked = record.is_some_and(|r| r.point == base_point && r.bitmap.as_deref() == Some(bitmap));
+pub fn trust_bitmap(
+    disk: &str,
+    bitmap: &str,
+    offered: bool,
+    record: Option<&ChangeRecord>,
+    base_point: u64,
+) -> bool {
+    let tracked =
+        record.is_some_and(|r| r.point == base_point && r.bitmap.as_deref() == Some(bitmap));
     if offered && tracked {
-        info!(disk, bitmap, "using the dirty bitmap: only dirty extents are read");
+        info!(
+            disk,
+            bitmap, "using the dirty bitmap: only dirty extents are read"
+        );
         true
     } else {
         warn!(
@@ -263,10 +294,19 @@ mod tests {
     #[test]
     fn cbt_area_past_the_disk_is_refused_with_its_index() {
         let d = tempfile::tempdir().unwrap();
-        let p = write(d.path(), r#"{"changeId":"x","changedArea":[{"start":0,"length":1},{"start":1048570,"length":100}]}"#);
+        let p = write(
+            d.path(),
+            r#"{"changeId":"x","changedArea":[{"start":0,"length":1},{"start":1048570,"length":100}]}"#,
+        );
         let e = CbtList::load(&p, 1 << 20).unwrap_err().to_string();
-        assert!(e.contains("changedArea[1]") && e.contains("cbt.json"), "{e}");
-        let p = write(d.path(), r#"{"changeId":"x","changedArea":[{"start":18446744073709551615,"length":2}]}"#);
+        assert!(
+            e.contains("changedArea[1]") && e.contains("cbt.json"),
+            "{e}"
+        );
+        let p = write(
+            d.path(),
+            r#"{"changeId":"x","changedArea":[{"start":18446744073709551615,"length":2}]}"#,
+        );
         assert!(CbtList::load(&p, 1 << 20).is_err());
         let p = write(d.path(), "{not json");
         assert!(CbtList::load(&p, 1 << 20).is_err());
@@ -285,21 +325,33 @@ mod tests {
             bitmap: None,
         };
         assert!(trust_cbt("d", &list, Some(&rec), 7));
-        assert!(!trust_cbt("d", &list, Some(&rec), 8), "record of another point");
+        assert!(
+            !trust_cbt("d", &list, Some(&rec), 8),
+            "record of another point"
+        );
         assert!(!trust_cbt("d", &list, None, 7), "no record");
         let star = CbtList {
             previous_change_id: Some("*".into()),
             ..list.clone()
         };
-        assert!(!trust_cbt("d", &star, Some(&rec), 7), "'*' lists everything, not a delta");
+        assert!(
+            !trust_cbt("d", &star, Some(&rec), 7),
+            "'*' lists everything, not a delta"
+        );
         let bm = ChangeRecord {
             point: 7,
             cbt_change_id: None,
             bitmap: Some("b".into()),
         };
         assert!(trust_bitmap("d", "b", true, Some(&bm), 7));
-        assert!(!trust_bitmap("d", "b", false, Some(&bm), 7), "server does not offer it");
-        assert!(!trust_bitmap("d", "c", true, Some(&bm), 7), "another bitmap");
+        assert!(
+            !trust_bitmap("d", "b", false, Some(&bm), 7),
+            "server does not offer it"
+        );
+        assert!(
+            !trust_bitmap("d", "c", true, Some(&bm), 7),
+            "another bitmap"
+        );
     }
 
     #[test]

@@ -168,9 +168,15 @@ impl Scan {
             let only = job.only.clone();
             threads.push(spawn("tideline-plan", move || {
                 let only = only.as_ref().map(|v| v.as_slice());
-                if let Err(e) =
-                    plan_stage(&*source, geometry, from, blocks_per_batch, only, &job_tx, &cancel)
-                {
+                if let Err(e) = plan_stage(
+                    &*source,
+                    geometry,
+                    from,
+                    blocks_per_batch,
+                    only,
+                    &job_tx,
+                    &cancel,
+                ) {
                     let _ = result_tx.send(Err(e));
                 }
             }));
@@ -227,7 +233,13 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 
 /// The byte ranges of `[start, end)` that a change source names, widened to
 /// whole blocks; `cursor` advances through the sorted `only` list.
-fn active_ranges(only: &[(u64, u64)], cursor: &mut usize, start: u64, end: u64, bs: u64) -> Vec<(u64, u64)> {
+fn active_ranges(
+    only: &[(u64, u64)],
+    cursor: &mut usize,
+    start: u64,
+    end: u64,
+    bs: u64,
+) -> Vec<(u64, u64)> {
     while *cursor < only.len() && only[*cursor].1 <= start {
         *cursor += 1;
     }
@@ -271,7 +283,9 @@ fn plan_stage(
                 let ranges = active_ranges(list, &mut cursor, start, end, bs);
                 let mut active = vec![false; blocks as usize];
                 for &(s, e) in &ranges {
-                    for a in &mut active[((s - start) / bs) as usize..((e - start).div_ceil(bs)) as usize] {
+                    for a in &mut active
+                        [((s - start) / bs) as usize..((e - start).div_ceil(bs)) as usize]
+                    {
                         *a = true;
                     }
                 }
@@ -652,7 +666,10 @@ mod tests {
         let bs = 4096u64;
         let data = vec![7u8; 64 * bs as usize];
         let only = vec![(3 * bs + 100, 4 * bs + 1), (40 * bs + 4095, 40 * bs + 4096)];
-        let source = Patchy { data, extents: vec![(0, 64 * bs)] };
+        let source = Patchy {
+            data,
+            extents: vec![(0, 64 * bs)],
+        };
         let (changed, stats) = scan_only(source, bs as u32, 16 * bs as u32, 2, Some(only));
         let blocks: Vec<u64> = changed.iter().map(|c| c.block).collect();
         assert_eq!(blocks, vec![3, 4, 40]);

@@ -315,15 +315,17 @@ fn prepare_disk(
     dcfg: &DiskSection,
     state_dir: &Path,
 ) -> Result<DiskJob, SessionError> {
-    let (source, bitmap_disk): (Arc<dyn DiskSource>, Option<Arc<NbdDisk>>) = match &dcfg.dirty_bitmap {
-        Some(name) => {
-            let disk = Arc::new(
-                NbdDisk::connect_with_bitmap(&dcfg.path.to_string_lossy(), Some(name)).map_err(SourceError::from)?,
-            );
-            (disk.clone(), Some(disk))
-        }
-        None => (Arc::from(crate::source::open(&dcfg.path)?), None),
-    };
+    let (source, bitmap_disk): (Arc<dyn DiskSource>, Option<Arc<NbdDisk>>) =
+        match &dcfg.dirty_bitmap {
+            Some(name) => {
+                let disk = Arc::new(
+                    NbdDisk::connect_with_bitmap(&dcfg.path.to_string_lossy(), Some(name))
+                        .map_err(SourceError::from)?,
+                );
+                (disk.clone(), Some(disk))
+            }
+            None => (Arc::from(crate::source::open(&dcfg.path)?), None),
+        };
     let geometry = Geometry::new(source.size(), dcfg.block_size);
     let state = DiskState::prepare(state_dir, &d.id)?;
     let mut log = open_or_discard(ChangeLog::open(&state.change_log), &state.change_log)?;
