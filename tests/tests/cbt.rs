@@ -1,6 +1,6 @@
-//! VMware CBT changed-areas lists: trusted only when they follow the last
-//! committed point; then only their areas are read, otherwise the agent
-//! falls back to a hash scan and says so.
+//! VMware CBT changed-areas lists alongside a VMDK export: trusted only
+//! when they follow the last committed point; then only their areas are
+//! read, otherwise the agent falls back to a hash scan and says so.
 
 use anyhow::Result;
 use rand::SeedableRng;
@@ -33,13 +33,24 @@ fn write_cbt(
 fn cbt_list_limits_the_read_and_a_broken_chain_falls_back_to_a_scan() -> Result<()> {
     let mut w = World::new(&["vm"])?;
     w.start_controller()?;
-    let img = w.path("disk.raw");
+    // An ESXi-style export: a monolithicFlat descriptor and its flat extent.
+    let img = w.path("disk-flat.vmdk");
     make_image(&img, 32 << 20, 71)?;
+    let vmdk = w.path("disk.vmdk");
+    std::fs::write(
+        &vmdk,
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+             createType=\"monolithicFlat\"\n\nRW {} FLAT \"disk-flat.vmdk\" 0\n\n\
+             ddb.adapterType = \"lsilogic\"\n",
+            (32u64 << 20) / 512
+        ),
+    )?;
     let cbt = w.path("changes.json");
     write_cbt(&cbt, "52 aa/1", Some("*"), &[(0, 32 << 20)])?;
     let disks = [DiskSpec {
         id: "sda".into(),
-        path: img.clone(),
+        path: vmdk.clone(),
         block_size: BS as u32,
     }];
     w.start_agent("vm", &disks, "")?;
