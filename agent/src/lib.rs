@@ -7,6 +7,8 @@
 
 pub mod config;
 pub mod dump;
+pub mod gelf;
+pub mod service;
 pub mod source;
 pub mod sync;
 pub mod tracking;

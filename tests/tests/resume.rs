@@ -139,12 +139,22 @@ fn assert_few_resent(s: &Value, nonzero: u64) {
     );
 }
 
-#[test]
-fn a_connection_cut_mid_sync_resumes_without_resending_acknowledged_blocks() -> Result<()> {
+/// A 256 MiB disk behind a throttling proxy, with frequent checkpoints, and
+/// a sync started and run until 40% of it is acknowledged.
+struct Interrupted {
+    w: World,
+    proxy: Proxy,
+    img: std::path::PathBuf,
+    cfg: std::path::PathBuf,
+    nonzero: u64,
+    session: u64,
+}
+
+fn sync_until_interrupted(seed: u64) -> Result<Interrupted> {
     let mut w = World::new(&["r"])?;
     w.start_controller()?;
     let img = w.path("disk.raw");
-    make_image(&img, 256 << 20, 21)?;
+    make_image(&img, 256 << 20, seed)?;
     let nonzero = nonzero_blocks(&img, BS as usize)?.len() as u64;
     let proxy = Proxy::start(w.port, 40 << 20)?;
     let disks = [DiskSpec {
@@ -152,65 +162,46 @@ fn a_connection_cut_mid_sync_resumes_without_resending_acknowledged_blocks() -> 
         path: img.clone(),
         block_size: BS,
     }];
-    let cfg = w.agent_config(
-        "r",
-        &disks,
-        "r",
-        "pki/ca.crt",
-        proxy.port,
-        &format!("[sync]\ncheckpoint_bytes = {CHECKPOINT}\n"),
-    )?;
+    let extra = format!("[sync]\ncheckpoint_bytes = {CHECKPOINT}\n");
+    let cfg = w.agent_config("r", &disks, "r", "pki/ca.crt", proxy.port, &extra)?;
     w.spawn_agent("r", &cfg)?;
     w.wait_connected("r")?;
-
-    let id = w.admin(&["sync", "--agent", "r", "--no-wait"])?["session"]
+    let session = w.admin(&["sync", "--agent", "r", "--no-wait"])?["session"]
         .as_u64()
         .unwrap_or(0);
-    wait_acked_past(&w, id, 0.4)?;
-    proxy.cut_all();
-    let s = wait_done(&w, id)?;
-    assert_few_resent(&s, nonzero);
-    assert_same(&w.export("r", "data", "latest")?, &img);
+    wait_acked_past(&w, session, 0.4)?;
+    Ok(Interrupted {
+        w,
+        proxy,
+        img,
+        cfg,
+        nonzero,
+        session,
+    })
+}
+
+#[test]
+fn a_connection_cut_mid_sync_resumes_without_resending_acknowledged_blocks() -> Result<()> {
+    let t = sync_until_interrupted(21)?;
+    t.proxy.cut_all();
+    let s = wait_done(&t.w, t.session)?;
+    assert_few_resent(&s, t.nonzero);
+    assert_same(&t.w.export("r", "data", "latest")?, &t.img);
     Ok(())
 }
 
 #[test]
 fn an_agent_killed_mid_sync_resumes_after_restart() -> Result<()> {
-    let mut w = World::new(&["r"])?;
-    w.start_controller()?;
-    let img = w.path("disk.raw");
-    make_image(&img, 256 << 20, 22)?;
-    let nonzero = nonzero_blocks(&img, BS as usize)?.len() as u64;
-    let proxy = Proxy::start(w.port, 40 << 20)?;
-    let disks = [DiskSpec {
-        id: "data".into(),
-        path: img.clone(),
-        block_size: BS,
-    }];
-    let cfg = w.agent_config(
-        "r",
-        &disks,
-        "r",
-        "pki/ca.crt",
-        proxy.port,
-        &format!("[sync]\ncheckpoint_bytes = {CHECKPOINT}\n"),
-    )?;
-    w.spawn_agent("r", &cfg)?;
-    w.wait_connected("r")?;
-
-    let id = w.admin(&["sync", "--agent", "r", "--no-wait"])?["session"]
-        .as_u64()
-        .unwrap_or(0);
-    wait_acked_past(&w, id, 0.4)?;
-    w.kill_agent("r");
-    proxy.cut_all();
-    w.spawn_agent("r", &cfg)?;
-    let s = wait_done(&w, id)?;
-    assert_few_resent(&s, nonzero);
-    assert_same(&w.export("r", "data", "latest")?, &img);
+    let mut t = sync_until_interrupted(22)?;
+    t.w.kill_agent("r");
+    t.proxy.cut_all();
+    t.w.spawn_agent("r", &t.cfg)?;
+    let s = wait_done(&t.w, t.session)?;
+    assert_few_resent(&s, t.nonzero);
+    assert_same(&t.w.export("r", "data", "latest")?, &t.img);
 
     // The agent's map advanced: an unchanged disk now sends nothing.
-    let s = w.sync("r")?;
+    let s = t.w.sync("r")?;
     assert_eq!(s["disks"][0]["blocks_received"].as_u64(), Some(0), "{s}");
     Ok(())
 }
