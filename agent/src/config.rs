@@ -56,6 +56,9 @@ pub struct AgentConfig {
     /// Tuning of the sync pipeline.
     #[serde(default)]
     pub sync: SyncSection,
+    /// Logging: level and GELF export.
+    #[serde(default)]
+    pub log: LogSection,
     /// Protected disks.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskSection>,
@@ -155,6 +158,52 @@ impl SyncSection {
                 .clamp(1, 4)
         })
     }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a
+    /// `tracing` directive list); `RUST_LOG` overrides it. Default `info`.
+    #[serde(default)]
+    pub level: Option<String>,
+    /// GELF server `host[:port]` (UDP, port 12201 by default); none: no
+    /// GELF export.
+    #[serde(default)]
+    pub gelf_address: Option<String>,
+    /// Largest GELF datagram in bytes, chunk header included (512..=65000).
+    #[serde(default = "default_gelf_chunk")]
+    pub gelf_chunk_size: usize,
+    /// GELF payload compression: `none`, `gzip` or `zlib`.
+    #[serde(default = "default_gelf_compression")]
+    pub gelf_compression: String,
+    /// Messages queued for the GELF sender before new ones are dropped (and
+    /// counted).
+    #[serde(default = "default_gelf_queue")]
+    pub gelf_queue: usize,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: None,
+            gelf_address: None,
+            gelf_chunk_size: default_gelf_chunk(),
+            gelf_compression: default_gelf_compression(),
+            gelf_queue: default_gelf_queue(),
+        }
+    }
+}
+
+fn default_gelf_chunk() -> usize {
+    crate::gelf::DEFAULT_CHUNK_SIZE
+}
+fn default_gelf_compression() -> String {
+    "none".into()
+}
+fn default_gelf_queue() -> usize {
+    crate::gelf::DEFAULT_QUEUE
 }
 
 /// `[[disk]]`
@@ -293,6 +342,28 @@ impl AgentConfig {
                 "must be at least 1 MiB (each checkpoint costs an fsync)".into(),
             ));
         }
+        if !["none", "gzip", "zlib"].contains(&self.log.gelf_compression.as_str()) {
+            return Err(bad(
+                "log.gelf_compression".into(),
+                format!("{:?} is not none, gzip or zlib", self.log.gelf_compression),
+            ));
+        }
+        if !(crate::gelf::MIN_CHUNK_SIZE..=crate::gelf::MAX_CHUNK_SIZE)
+            .contains(&self.log.gelf_chunk_size)
+        {
+            return Err(bad(
+                "log.gelf_chunk_size".into(),
+                format!(
+                    "{} is outside {}..={}",
+                    self.log.gelf_chunk_size,
+                    crate::gelf::MIN_CHUNK_SIZE,
+                    crate::gelf::MAX_CHUNK_SIZE
+                ),
+            ));
+        }
+        if self.log.gelf_queue == 0 {
+            return Err(bad("log.gelf_queue".into(), "must be at least 1".into()));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, d) in self.disks.iter().enumerate() {
             if !valid_id(&d.id) {
@@ -376,6 +447,8 @@ path = "/dev/sda"
     #[test]
     fn defaults_and_relative_paths() {
         let c = AgentConfig::parse(GOOD, Path::new("/etc/tideline/agent.toml")).unwrap();
+        assert_eq!(c.log.gelf_compression, "none");
+        assert_eq!(c.log.gelf_chunk_size, crate::gelf::DEFAULT_CHUNK_SIZE);
         assert_eq!(c.controller_addr(), "ctl.example:443");
         assert_eq!(c.server_name(), "ctl.example");
         assert_eq!(c.tls.ca, PathBuf::from("/etc/tideline/ca.crt"));

@@ -6,6 +6,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tideline_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
+use tideline_agent::gelf;
+use tideline_agent::service::notify::{status_assignment, watchdog_interval};
+use tideline_agent::service::{run_watchdog, Heartbeat, Notifier};
 use tideline_agent::transport::connection;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -100,35 +103,100 @@ fn real_main() -> Result<()> {
 }
 
 fn run(cfg: AgentConfig) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::new(v),
+        _ => tracing_subscriber::EnvFilter::new(cfg.log.level.as_deref().unwrap_or("info")),
+    };
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let (gelf, gelf_handle) = match &cfg.log.gelf_address {
+        Some(address) => {
+            let gcfg = gelf::GelfConfig {
+                address: address.clone(),
+                chunk_size: cfg.log.gelf_chunk_size,
+                compression: match cfg.log.gelf_compression.as_str() {
+                    "gzip" => gelf::Compression::Gzip,
+                    "zlib" => gelf::Compression::Zlib,
+                    _ => gelf::Compression::None,
+                },
+                queue: cfg.log.gelf_queue,
+                ..gelf::GelfConfig::default()
+            };
+            let (layer, handle) = gelf::GelfLayer::new(gcfg).context("log.gelf_address")?;
+            (Some(layer), Some(handle))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(gelf)
         .init();
+
     std::fs::create_dir_all(&cfg.state.dir)
         .with_context(|| format!("cannot create state directory {}", cfg.state.dir.display()))?;
     // One agent per state directory: two would corrupt each other's maps.
     let _lock = tideline_agent::tracking::StateLock::acquire(&cfg.state.dir)?;
+
+    // Configuration and state are loaded: systemd may consider us started,
+    // whether or not the controller answers yet.
+    let notifier = Arc::new(Notifier::from_env()?);
+    let heartbeat = Heartbeat::new();
+    notifier.send(&format!(
+        "READY=1\n{}",
+        status_assignment(&format!(
+            "starting; connecting to {}",
+            cfg.controller_addr()
+        ))
+    ))?;
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        if let Some(every) = watchdog_interval() {
+            // `every` is half of WatchdogSec. Pings stop once the work loop
+            // has not made progress for a whole WatchdogSec; systemd then
+            // restarts the agent when WatchdogSec has passed since the last.
+            tokio::spawn(run_watchdog(
+                notifier.clone(),
+                heartbeat.clone_handle(),
+                every,
+                every * 2,
+                rx.clone(),
+            ));
+        }
+        let stopping = notifier.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
             tracing::info!("stopping at the next frame boundary");
+            let _ = stopping.stopping();
             let _ = tx.send(true);
         });
-        connection::run(Arc::new(cfg), rx).await
-    })
+        connection::run(
+            Arc::new(cfg),
+            rx,
+            connection::ServiceHooks {
+                notifier,
+                heartbeat,
+            },
+        )
+        .await
+    });
+    if let Some(h) = gelf_handle {
+        h.flush(std::time::Duration::from_secs(2));
+    }
+    result
 }

@@ -220,6 +220,34 @@ impl World {
 
     /// Starts an agent process from an existing configuration file.
     pub fn spawn_agent(&mut self, id: &str, cfg: &Path) -> Result<()> {
+        self.spawn_agent_env(id, cfg, &[])
+    }
+
+    /// Sends `signal` to an agent and waits up to `timeout` for it to exit;
+    /// returns its exit status, or `None` if it is still running.
+    pub fn signal_agent(
+        &mut self,
+        id: &str,
+        signal: i32,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let (_, child) = self.agents.iter_mut().find(|(a, _)| a == id)?;
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, signal);
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Starts an agent process with extra environment variables.
+    pub fn spawn_agent_env(&mut self, id: &str, cfg: &Path, env: &[(&str, &str)]) -> Result<()> {
         let log = File::options()
             .create(true)
             .append(true)
@@ -229,6 +257,7 @@ impl World {
             .arg(cfg)
             .arg("run")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
+use crate::service::{Heartbeat, Notifier, StatusLine};
 use crate::sync::pipeline::{Scan, ScanItem, ScanStats};
 use crate::sync::session::{AgentSession, SessionError};
 use crate::transport::tls::client_config;
@@ -29,20 +30,63 @@ use crate::transport::tls::client_config;
 /// Software name sent in `Hello`.
 pub const SOFTWARE: &str = concat!("tideline-agent/", env!("CARGO_PKG_VERSION"));
 
+/// How the loop reports to the service manager: status lines, and a
+/// heartbeat beaten whenever the work makes progress (the watchdog stops
+/// pinging systemd when it no longer does).
+#[derive(Clone)]
+pub struct ServiceHooks {
+    /// `sd_notify` to systemd (a no-op outside systemd).
+    pub notifier: Arc<Notifier>,
+    /// Progress of the work loop.
+    pub heartbeat: Heartbeat,
+}
+
+impl ServiceHooks {
+    /// Hooks that report to nobody (tests, tools).
+    pub fn none() -> Self {
+        ServiceHooks {
+            notifier: Arc::new(Notifier::disabled()),
+            heartbeat: Heartbeat::new(),
+        }
+    }
+
+    fn status(&self, line: &StatusLine) {
+        if let Err(e) = self.notifier.status(&line.to_string()) {
+            debug!(error = %e, "status not delivered to the service manager");
+        }
+    }
+}
+
+/// A scan that has produced nothing for this long is wedged: the loop stops
+/// beating the heartbeat, so the watchdog lets systemd restart the agent.
+const SCAN_STALL: Duration = Duration::from_secs(60);
+
 /// Keeps the control channel up until `shutdown` turns true.
-pub async fn run(cfg: Arc<AgentConfig>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+pub async fn run(
+    cfg: Arc<AgentConfig>,
+    mut shutdown: watch::Receiver<bool>,
+    hooks: ServiceHooks,
+) -> Result<()> {
     let mut backoff = Backoff::new(
         Duration::from_millis(cfg.controller.reconnect_min_ms),
         Duration::from_millis(cfg.controller.reconnect_max_ms),
     );
     loop {
         let started = Instant::now();
-        match serve_once(&cfg, &mut shutdown).await {
+        match serve_once(&cfg, &mut shutdown, &hooks).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 warn!(controller = %cfg.controller_addr(), error = %format!("{e:#}"), "control channel down");
+                hooks.status(&StatusLine {
+                    connected: false,
+                    controller: cfg.controller_addr(),
+                    last_error: Some(format!("{e:#}")),
+                    ..StatusLine::default()
+                });
             }
         }
+        // Waiting to reconnect is the agent working as intended.
+        hooks.heartbeat.beat();
         if started.elapsed() > Duration::from_secs(60) {
             backoff.reset();
         }
@@ -111,7 +155,11 @@ pub fn inventory(cfg: &AgentConfig) -> Inventory {
     Inventory { disks }
 }
 
-async fn serve_once(cfg: &Arc<AgentConfig>, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+async fn serve_once(
+    cfg: &Arc<AgentConfig>,
+    shutdown: &mut watch::Receiver<bool>,
+    hooks: &ServiceHooks,
+) -> Result<()> {
     let tls = client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let addr = cfg.controller_addr();
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr))
@@ -169,7 +217,17 @@ async fn serve_once(cfg: &Arc<AgentConfig>, shutdown: &mut watch::Receiver<bool>
         scan_rx: None,
         scan_slot: 0,
         since_checkpoint: CheckpointClock::new(),
+        hooks: hooks.clone(),
+        progress: Progress::new(),
+        status: StatusLine {
+            connected: true,
+            controller: addr.clone(),
+            ..StatusLine::default()
+        },
+        last_status: String::new(),
     };
+    driver.publish_status();
+    let mut service_tick = tokio::time::interval(Duration::from_secs(1));
     let hb_every = Duration::from_secs(cfg.controller.heartbeat_secs);
     let mut heartbeat = tokio::time::interval(hb_every);
     heartbeat.tick().await;
@@ -208,6 +266,9 @@ async fn serve_once(cfg: &Arc<AgentConfig>, shutdown: &mut watch::Receiver<bool>
                 }
                 item = recv_scan(&mut driver.scan_rx), if driver.scan_rx.is_some() => {
                     driver.on_scan_item(item)?;
+                }
+                _ = service_tick.tick() => {
+                    driver.service_tick();
                 }
                 _ = heartbeat.tick() => {
                     if last_heard.elapsed() > hb_every * 3 {
@@ -250,6 +311,27 @@ impl CheckpointClock {
     }
 }
 
+/// Progress of the running scan, for status lines and the watchdog.
+struct Progress {
+    started: Instant,
+    last_item: Instant,
+    bytes: u64,
+    next_block: u64,
+    block_count: u64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            started: Instant::now(),
+            last_item: Instant::now(),
+            bytes: 0,
+            next_block: 0,
+            block_count: 0,
+        }
+    }
+}
+
 /// Acts on link events and scan items for one connection.
 struct Driver {
     cfg: Arc<AgentConfig>,
@@ -259,6 +341,10 @@ struct Driver {
     scan_rx: Option<mpsc::Receiver<ScanItem>>,
     scan_slot: u16,
     since_checkpoint: CheckpointClock,
+    hooks: ServiceHooks,
+    progress: Progress,
+    status: StatusLine,
+    last_status: String,
 }
 
 fn error_code(e: &SessionError) -> ErrorCode {
@@ -271,6 +357,39 @@ fn error_code(e: &SessionError) -> ErrorCode {
 }
 
 impl Driver {
+    /// Once a second: beat the heartbeat unless a scan is wedged, and tell
+    /// the service manager what the agent is doing.
+    fn service_tick(&mut self) {
+        if self.scan.is_none() || self.progress.last_item.elapsed() < SCAN_STALL {
+            self.hooks.heartbeat.beat();
+        }
+        self.status.session = self.session.as_ref().map(|s| s.id());
+        if self.scan.is_some() {
+            let p = &self.progress;
+            self.status.disk = self
+                .session
+                .as_ref()
+                .map(|s| s.disk_id(self.scan_slot).to_owned());
+            self.status.percent =
+                (p.block_count > 0).then(|| p.next_block as f64 * 100.0 / p.block_count as f64);
+            let secs = p.started.elapsed().as_secs_f64();
+            self.status.mib_per_s = (secs > 0.0).then(|| p.bytes as f64 / 1048576.0 / secs);
+        } else {
+            self.status.disk = None;
+            self.status.percent = None;
+            self.status.mib_per_s = None;
+        }
+        self.publish_status();
+    }
+
+    fn publish_status(&mut self) {
+        let line = self.status.to_string();
+        if line != self.last_status {
+            self.hooks.status(&self.status);
+            self.last_status = line;
+        }
+    }
+
     fn abort_session(&mut self, code: ErrorCode, message: String) {
         let session = self
             .session
@@ -394,6 +513,9 @@ impl Driver {
                 from_block = job.from_block,
                 "scanning"
             );
+            self.progress = Progress::new();
+            self.progress.next_block = job.from_block;
+            self.progress.block_count = session.geometry(slot).map(|g| g.block_count).unwrap_or(0);
             let (scan, rx) = Scan::start(job, 64);
             self.scan = Some(scan);
             self.scan_rx = Some(rx);
@@ -410,6 +532,11 @@ impl Driver {
             return Ok(());
         };
         let disk = session.disk_id(slot).to_owned();
+        self.progress.last_item = Instant::now();
+        if let Some(ScanItem::Scanned { next_block, stats }) = &item {
+            self.progress.next_block = *next_block;
+            self.progress.bytes = stats.bytes_read + stats.bytes_in_holes;
+        }
         let r: Result<(), SessionError> = (|| {
             match item {
                 Some(ScanItem::Changed(c)) => {
