@@ -7,6 +7,8 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use tideline_protocol::limits::{valid_block_size, valid_id, DEFAULT_BLOCK_SIZE};
 
+use crate::transport::throttle::{parse_day, parse_rate, parse_time, Schedule, Window};
+
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tideline/agent.toml";
 
@@ -43,7 +45,7 @@ pub enum ConfigError {
 }
 
 /// The whole agent configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Where the controller is.
@@ -59,13 +61,16 @@ pub struct AgentConfig {
     /// Logging: level and GELF export.
     #[serde(default)]
     pub log: LogSection,
+    /// Bandwidth limits on what the agent sends.
+    #[serde(default)]
+    pub bandwidth: BandwidthSection,
     /// Protected disks.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskSection>,
 }
 
 /// `[controller]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerSection {
     /// `host:port` of the controller (default port 443 when omitted).
@@ -86,7 +91,7 @@ pub struct ControllerSection {
 }
 
 /// `[tls]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
     /// CA certificate (PEM) the controller's certificate must chain to.
@@ -98,7 +103,7 @@ pub struct TlsSection {
 }
 
 /// `[state]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateSection {
     /// State directory.
@@ -115,7 +120,7 @@ impl Default for StateSection {
 }
 
 /// `[sync]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncSection {
     /// zstd level for block payloads (1 = fastest).
@@ -160,8 +165,78 @@ impl SyncSection {
     }
 }
 
+/// `[bandwidth]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BandwidthSection {
+    /// Bytes per second outside every window: `"50M"`, `"512K"`, `"1G"`
+    /// (powers of 1024) or a number; `"0"` or absent: unlimited.
+    #[serde(default)]
+    pub limit: Option<String>,
+    /// Time-of-day windows with their own limit; the first that matches wins.
+    #[serde(default, rename = "window")]
+    pub windows: Vec<WindowSection>,
+}
+
+/// `[[bandwidth.window]]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSection {
+    /// Local time the window opens, `"HH:MM"`.
+    pub start: String,
+    /// Local time it closes, `"HH:MM"` (earlier than `start`: it spans
+    /// midnight).
+    pub end: String,
+    /// Days it applies on (`"mon"` … `"sun"`); empty: every day.
+    #[serde(default)]
+    pub days: Vec<String>,
+    /// Bytes per second while it is open, as `limit`.
+    pub limit: String,
+}
+
+impl BandwidthSection {
+    /// The schedule these settings describe, or the key that is wrong and
+    /// why.
+    pub fn schedule(&self) -> Result<Schedule, (String, String)> {
+        let rate = |key: String, v: &str| {
+            parse_rate(v).ok_or_else(|| {
+                (
+                    key,
+                    format!("{v:?} is not a rate such as \"50M\", \"512K\" or \"0\""),
+                )
+            })
+        };
+        let default = match &self.limit {
+            Some(v) => rate("bandwidth.limit".into(), v)?,
+            None => 0,
+        };
+        let mut windows = Vec::new();
+        for (i, w) in self.windows.iter().enumerate() {
+            let key = |k: &str| format!("bandwidth.window[{i}].{k}");
+            let time = |k: &str, v: &str| {
+                parse_time(v).ok_or_else(|| (key(k), format!("{v:?} is not a time HH:MM")))
+            };
+            let mut days = Vec::new();
+            for d in &w.days {
+                days.push(
+                    parse_day(d).ok_or_else(|| {
+                        (key("days"), format!("{d:?} is not a weekday (mon..sun)"))
+                    })?,
+                );
+            }
+            windows.push(Window {
+                start: time("start", &w.start)?,
+                end: time("end", &w.end)?,
+                days,
+                limit: rate(key("limit"), &w.limit)?,
+            });
+        }
+        Ok(Schedule { default, windows })
+    }
+}
+
 /// `[log]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSection {
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a
@@ -207,7 +282,7 @@ fn default_gelf_queue() -> usize {
 }
 
 /// `[[disk]]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSection {
     /// Stable id of the disk (letters, digits, `.`, `_`, `-`).
@@ -364,6 +439,9 @@ impl AgentConfig {
         if self.log.gelf_queue == 0 {
             return Err(bad("log.gelf_queue".into(), "must be at least 1".into()));
         }
+        if let Err((key, message)) = self.bandwidth.schedule() {
+            return Err(bad(key, message));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, d) in self.disks.iter().enumerate() {
             if !valid_id(&d.id) {
@@ -462,6 +540,20 @@ path = "/dev/sda"
             .unwrap_err()
             .to_string();
         assert!(e.contains("cipher") && e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn bandwidth_windows_are_checked_and_named() {
+        let text = format!("{GOOD}[bandwidth]\nlimit = \"20M\"\n[[bandwidth.window]]\nstart = \"08:00\"\nend = \"18:00\"\ndays = [\"mon\", \"fri\"]\nlimit = \"5M\"\n");
+        let c = AgentConfig::parse(&text, Path::new("a.toml")).unwrap();
+        let s = c.bandwidth.schedule().unwrap();
+        assert_eq!(s.default, 20 << 20);
+        assert_eq!(s.windows[0].days, vec![0, 4]);
+        let text = text.replace("\"18:00\"", "\"25:00\"");
+        let e = AgentConfig::parse(&text, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bandwidth.window[0].end"), "{e}");
     }
 
     #[test]

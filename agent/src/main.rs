@@ -97,12 +97,12 @@ fn real_main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&disks)?);
             Ok(())
         }
-        Command::Run => run(cfg),
+        Command::Run => run(cfg, &cli.config),
         Command::Dump { .. } => Ok(()),
     }
 }
 
-fn run(cfg: AgentConfig) -> Result<()> {
+fn run(cfg: AgentConfig, config_path: &std::path::Path) -> Result<()> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
 
@@ -131,6 +131,7 @@ fn run(cfg: AgentConfig) -> Result<()> {
         }
         None => (None, None),
     };
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
         .with(stderr)
@@ -185,6 +186,21 @@ fn run(cfg: AgentConfig) -> Result<()> {
             let _ = stopping.stopping();
             let _ = tx.send(true);
         });
+        let settings = Arc::new(connection::RuntimeSettings::from_config(&cfg)?);
+        let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        let reload = Reload {
+            path: config_path.to_owned(),
+            running: cfg.clone(),
+            settings: settings.clone(),
+            filter: filter_handle,
+            notifier: notifier.clone(),
+        };
+        tokio::spawn(async move {
+            let mut reload = reload;
+            while hup.recv().await.is_some() {
+                reload.apply();
+            }
+        });
         connection::run(
             Arc::new(cfg),
             rx,
@@ -192,6 +208,7 @@ fn run(cfg: AgentConfig) -> Result<()> {
                 notifier,
                 heartbeat,
             },
+            settings,
         )
         .await
     });
@@ -199,4 +216,96 @@ fn run(cfg: AgentConfig) -> Result<()> {
         h.flush(std::time::Duration::from_secs(2));
     }
     result
+}
+
+/// SIGHUP: re-reads the configuration and applies what can change while
+/// the agent runs (log level, bandwidth limits, controller address); names
+/// every other change, which needs a restart.
+struct Reload {
+    path: std::path::PathBuf,
+    running: AgentConfig,
+    settings: Arc<connection::RuntimeSettings>,
+    filter: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    notifier: Arc<Notifier>,
+}
+
+impl Reload {
+    fn apply(&mut self) {
+        let _ = self.notifier.send("RELOADING=1");
+        let new = match AgentConfig::load(&self.path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; the running configuration stays");
+                let _ = self.notifier.send("READY=1");
+                return;
+            }
+        };
+        let mut applied = Vec::new();
+        if new.log.level != self.running.log.level && std::env::var_os("RUST_LOG").is_none() {
+            let level = new.log.level.as_deref().unwrap_or("info");
+            match self
+                .filter
+                .reload(tracing_subscriber::EnvFilter::new(level))
+            {
+                Ok(()) => applied.push("log.level"),
+                Err(e) => tracing::warn!(error = %e, "log level not changed"),
+            }
+        }
+        if new.bandwidth != self.running.bandwidth {
+            if let (Ok(schedule), Ok(mut current)) =
+                (new.bandwidth.schedule(), self.settings.bandwidth.write())
+            {
+                *current = schedule;
+                applied.push("bandwidth");
+            }
+        }
+        let mut not_applied = Vec::new();
+        if (new.controller_addr(), new.server_name())
+            != (self.running.controller_addr(), self.running.server_name())
+        {
+            if let Ok(mut c) = self.settings.controller.write() {
+                *c = (new.controller_addr(), new.server_name());
+                applied.push("controller.address (from the next connection)");
+            }
+        }
+        let timing = |c: &tideline_agent::config::ControllerSection| {
+            (c.reconnect_min_ms, c.reconnect_max_ms, c.heartbeat_secs)
+        };
+        if timing(&new.controller) != timing(&self.running.controller) {
+            not_applied.push("controller.reconnect_*/heartbeat_secs");
+        }
+        if new.tls != self.running.tls {
+            not_applied.push("tls");
+        }
+        if new.state != self.running.state {
+            not_applied.push("state");
+        }
+        if new.sync != self.running.sync {
+            not_applied.push("sync");
+        }
+        if new.disks != self.running.disks {
+            not_applied.push("disk");
+        }
+        if new.log.gelf_address != self.running.log.gelf_address
+            || new.log.gelf_chunk_size != self.running.log.gelf_chunk_size
+            || new.log.gelf_compression != self.running.log.gelf_compression
+            || new.log.gelf_queue != self.running.log.gelf_queue
+        {
+            not_applied.push("log.gelf_*");
+        }
+        tracing::info!(applied = ?applied, "configuration reloaded");
+        if !not_applied.is_empty() {
+            tracing::warn!(not_applied = ?not_applied, "these changes need a restart of the agent");
+        }
+        // What was applied is now the running configuration; the rest stays
+        // as it was until a restart.
+        self.running.log.level = new.log.level.clone();
+        self.running.bandwidth = new.bandwidth.clone();
+        self.running.controller.address = new.controller.address.clone();
+        self.running.controller.server_name = new.controller.server_name.clone();
+        let _ = self.notifier.send("READY=1");
+    }
 }

@@ -256,7 +256,7 @@ impl World {
             .arg("--config")
             .arg(cfg)
             .arg("run")
-            .env("RUST_LOG", "info")
+            .env_remove("RUST_LOG")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)

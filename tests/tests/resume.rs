@@ -205,3 +205,37 @@ fn an_agent_killed_mid_sync_resumes_after_restart() -> Result<()> {
     assert_eq!(s["disks"][0]["blocks_received"].as_u64(), Some(0), "{s}");
     Ok(())
 }
+
+#[test]
+fn an_agent_stopped_with_sigterm_exits_promptly_and_its_session_resumes() -> Result<()> {
+    let mut t = sync_until_interrupted(23)?;
+    let asked = Instant::now();
+    let status =
+        t.w.signal_agent("r", libc::SIGTERM, Duration::from_secs(10));
+    let took = asked.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "agent did not exit cleanly: {status:?}"
+    );
+    // docs/operations.md states that the agent stops within 5 seconds.
+    assert!(took < Duration::from_secs(5), "agent took {took:?} to stop");
+    assert!(t
+        .w
+        .log("agent-r.log")
+        .contains("stopping at the next frame boundary"));
+
+    // The controller keeps the session for the agent to come back to.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while session(&t.w, t.session)?["state"] != "interrupted" {
+        assert!(
+            Instant::now() < deadline,
+            "session not interrupted after the agent stopped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.w.spawn_agent("r", &t.cfg)?;
+    let s = wait_done(&t.w, t.session)?;
+    assert_few_resent(&s, t.nonzero);
+    assert_same(&t.w.export("r", "data", "latest")?, &t.img);
+    Ok(())
+}

@@ -140,3 +140,69 @@ fn logs_reach_a_gelf_receiver_with_their_fields() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn bandwidth_limit_holds_and_sighup_reloads_what_it_can() -> Result<()> {
+    use rand::SeedableRng;
+    let mut w = World::new(&["slow"])?;
+    w.start_controller()?;
+    // Incompressible data, so wire bytes ≈ disk bytes.
+    let img = w.path("d.raw");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(93);
+    std::fs::File::create(&img)?.set_len(12 << 20)?;
+    write_random(&img, 0, 12 << 20, &mut rng)?;
+    let disks = [DiskSpec {
+        id: "d".into(),
+        path: img.clone(),
+        block_size: 65536,
+    }];
+    let extra = "[sync]\ncheckpoint_bytes = 1048576\n[bandwidth]\nlimit = \"4M\"\n";
+    let cfg = w.agent_config("slow", &disks, "slow", "pki/ca.crt", w.port, extra)?;
+    w.spawn_agent("slow", &cfg)?;
+    w.wait_connected("slow")?;
+    let s = w.sync("slow")?;
+    let secs = s["elapsed_secs"].as_f64().unwrap_or(0.0);
+    // 12 MiB at 4 MiB/s, less one burst of 0.4 MiB.
+    assert!(secs >= 2.5, "12 MiB took {secs:.2} s under a 4 MiB/s limit");
+
+    // Lift the limit, raise the log level, and change something that needs
+    // a restart; SIGHUP applies the first two and names the third.
+    let text = std::fs::read_to_string(&cfg)?
+        .replace(
+            "[bandwidth]\nlimit = \"4M\"\n",
+            "[bandwidth]\nlimit = \"0\"\n[log]\nlevel = \"debug\"\n",
+        )
+        .replace("heartbeat_secs = 2", "heartbeat_secs = 3");
+    std::fs::write(&cfg, text)?;
+    let before = w.log("agent-slow.log").len();
+    w.signal_agent("slow", libc::SIGHUP, Duration::from_millis(10));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !w.log("agent-slow.log")[before..].contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reload logged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = w.log("agent-slow.log")[before..].to_owned();
+    assert!(
+        log.contains("bandwidth") && log.contains("log.level"),
+        "{log}"
+    );
+    assert!(
+        log.contains("need a restart") && log.contains("heartbeat_secs"),
+        "{log}"
+    );
+
+    write_random(&img, 0, 12 << 20, &mut rng)?;
+    let s = w.sync("slow")?;
+    let secs = s["elapsed_secs"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        secs < 2.0,
+        "12 MiB took {secs:.2} s after the limit was lifted"
+    );
+    // Acknowledgements are logged at debug level: visible only now.
+    assert!(
+        w.log("agent-slow.log")[before..].contains("DEBUG"),
+        "debug logging is not on after the reload"
+    );
+    assert_same(&w.export("slow", "d", "latest")?, &img);
+    Ok(())
+}

@@ -25,7 +25,9 @@ use crate::config::AgentConfig;
 use crate::service::{Heartbeat, Notifier, StatusLine};
 use crate::sync::pipeline::{Scan, ScanItem, ScanStats};
 use crate::sync::session::{AgentSession, SessionError};
+use crate::transport::throttle::{Schedule, Throttle};
 use crate::transport::tls::client_config;
+use std::sync::RwLock;
 
 /// Software name sent in `Hello`.
 pub const SOFTWARE: &str = concat!("tideline-agent/", env!("CARGO_PKG_VERSION"));
@@ -57,6 +59,37 @@ impl ServiceHooks {
     }
 }
 
+/// What can change while the agent runs (SIGHUP): the controller it dials
+/// and the bandwidth schedule.
+pub struct RuntimeSettings {
+    /// `host:port` to dial and the name its certificate must carry; used
+    /// from the next connection on.
+    pub controller: RwLock<(String, String)>,
+    /// Bandwidth limits, looked up on every write.
+    pub bandwidth: Arc<RwLock<Schedule>>,
+}
+
+impl RuntimeSettings {
+    /// The settings a configuration starts with.
+    pub fn from_config(cfg: &AgentConfig) -> Result<RuntimeSettings> {
+        let schedule = cfg
+            .bandwidth
+            .schedule()
+            .map_err(|(key, why)| anyhow!("{key}: {why}"))?;
+        Ok(RuntimeSettings {
+            controller: RwLock::new((cfg.controller_addr(), cfg.server_name())),
+            bandwidth: Arc::new(RwLock::new(schedule)),
+        })
+    }
+
+    fn controller(&self) -> (String, String) {
+        self.controller
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+}
+
 /// A scan that has produced nothing for this long is wedged: the loop stops
 /// beating the heartbeat, so the watchdog lets systemd restart the agent.
 const SCAN_STALL: Duration = Duration::from_secs(60);
@@ -66,6 +99,7 @@ pub async fn run(
     cfg: Arc<AgentConfig>,
     mut shutdown: watch::Receiver<bool>,
     hooks: ServiceHooks,
+    settings: Arc<RuntimeSettings>,
 ) -> Result<()> {
     let mut backoff = Backoff::new(
         Duration::from_millis(cfg.controller.reconnect_min_ms),
@@ -73,13 +107,14 @@ pub async fn run(
     );
     loop {
         let started = Instant::now();
-        match serve_once(&cfg, &mut shutdown, &hooks).await {
+        match serve_once(&cfg, &mut shutdown, &hooks, &settings).await {
             Ok(()) => return Ok(()),
             Err(e) => {
-                warn!(controller = %cfg.controller_addr(), error = %format!("{e:#}"), "control channel down");
+                let (addr, _) = settings.controller();
+                warn!(controller = %addr, error = %format!("{e:#}"), "control channel down");
                 hooks.status(&StatusLine {
                     connected: false,
-                    controller: cfg.controller_addr(),
+                    controller: addr,
                     last_error: Some(format!("{e:#}")),
                     ..StatusLine::default()
                 });
@@ -159,16 +194,17 @@ async fn serve_once(
     cfg: &Arc<AgentConfig>,
     shutdown: &mut watch::Receiver<bool>,
     hooks: &ServiceHooks,
+    settings: &RuntimeSettings,
 ) -> Result<()> {
     let tls = client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
-    let addr = cfg.controller_addr();
+    let (addr, server_name) = settings.controller();
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr))
         .await
         .map_err(|_| anyhow!("timed out connecting to controller {addr}"))?
         .with_context(|| format!("cannot connect to controller {addr}"))?;
     tcp.set_nodelay(true).ok();
-    let name = rustls::pki_types::ServerName::try_from(cfg.server_name())
-        .with_context(|| format!("invalid controller name {:?}", cfg.server_name()))?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.clone())
+        .with_context(|| format!("invalid controller name {server_name:?}"))?;
     let stream = tokio::time::timeout(
         Duration::from_secs(15),
         tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
@@ -202,8 +238,10 @@ async fn serve_once(
     link.send_inventory(&inventory(cfg));
 
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(16);
+    let mut throttle = Throttle::new(settings.bandwidth.clone());
     let writer = tokio::spawn(async move {
         while let Some(bytes) = out_rx.recv().await {
+            throttle.consume(bytes.len()).await;
             wr.write_all(&bytes).await?;
         }
         wr.shutdown().await
