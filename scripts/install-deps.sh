@@ -9,9 +9,11 @@
 #   nbdkit libnbd-bin   NBD servers and references (nbdinfo, nbdcopy) for the
 #               NBD client's tests
 #   python3     the demo and benchmark drivers
+#   mmdebstrap dpkg-dev systemd   the packaging test: a bookworm chroot,
+#               dpkg-shlibdeps for build-deb.sh, systemd-analyze verify
 set -euo pipefail
 
-PACKAGES=(e2fsprogs util-linux b3sum rsync zstd python3 procps nbdkit libnbd-bin)
+PACKAGES=(e2fsprogs util-linux b3sum rsync zstd python3 procps nbdkit libnbd-bin mmdebstrap dpkg-dev systemd)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

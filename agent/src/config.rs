@@ -139,6 +139,37 @@ pub struct SyncSection {
     /// Off by default: it also evicts pages the host's workload had cached.
     #[serde(default)]
     pub drop_page_cache: bool,
+    /// Nice value of the scan threads (-20..=19); absent: inherited.
+    #[serde(default)]
+    pub nice: Option<i32>,
+    /// I/O class of the scan threads: `default`, `best-effort` or `idle`.
+    #[serde(default = "default_io_class")]
+    pub io_class: String,
+    /// Level within `best-effort`, 0 (highest) to 7 (lowest).
+    #[serde(default = "default_io_priority")]
+    pub io_priority: u8,
+}
+
+fn default_io_class() -> String {
+    "default".into()
+}
+fn default_io_priority() -> u8 {
+    4
+}
+
+impl SyncSection {
+    /// The scan threads' priorities.
+    pub fn scan_priority(&self) -> crate::sync::priority::ScanPriority {
+        use crate::sync::priority::{IoClass, ScanPriority};
+        ScanPriority {
+            nice: self.nice,
+            io: match self.io_class.as_str() {
+                "best-effort" => IoClass::BestEffort(self.io_priority),
+                "idle" => IoClass::Idle,
+                _ => IoClass::Default,
+            },
+        }
+    }
 }
 
 impl Default for SyncSection {
@@ -149,6 +180,9 @@ impl Default for SyncSection {
             batch_bytes: default_batch_bytes(),
             checkpoint_bytes: default_checkpoint_bytes(),
             drop_page_cache: false,
+            nice: None,
+            io_class: default_io_class(),
+            io_priority: default_io_priority(),
         }
     }
 }
@@ -438,6 +472,24 @@ impl AgentConfig {
         }
         if self.log.gelf_queue == 0 {
             return Err(bad("log.gelf_queue".into(), "must be at least 1".into()));
+        }
+        if self.sync.nice.is_some_and(|n| !(-20..=19).contains(&n)) {
+            return Err(bad("sync.nice".into(), "must be between -20 and 19".into()));
+        }
+        if !["default", "best-effort", "idle"].contains(&self.sync.io_class.as_str()) {
+            return Err(bad(
+                "sync.io_class".into(),
+                format!(
+                    "{:?} is not default, best-effort or idle",
+                    self.sync.io_class
+                ),
+            ));
+        }
+        if self.sync.io_priority > 7 {
+            return Err(bad(
+                "sync.io_priority".into(),
+                "must be between 0 and 7".into(),
+            ));
         }
         if let Err((key, message)) = self.bandwidth.schedule() {
             return Err(bad(key, message));

@@ -9,4 +9,5 @@
 pub mod changes;
 pub mod expected;
 pub mod pipeline;
+pub mod priority;
 pub mod session;

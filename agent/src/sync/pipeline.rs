@@ -119,6 +119,8 @@ pub struct ScanJob {
     /// `[start, end)` that may have changed, sorted and merged. Blocks
     /// outside them are not read and are taken to be unchanged.
     pub only: Option<Arc<Vec<(u64, u64)>>>,
+    /// CPU and I/O priority of the scan threads.
+    pub priority: super::priority::ScanPriority,
 }
 
 /// A batch to read and hash: its blocks and where their data is.
@@ -188,8 +190,12 @@ impl Scan {
             let source = job.source.clone();
             let level = job.compression_level;
             let drop_cache = job.drop_page_cache;
+            let priority = job.priority;
             let batch_len = (blocks_per_batch * u64::from(geometry.block_size)) as usize;
             threads.push(spawn(&format!("tideline-scan{i}"), move || {
+                if let Err(e) = priority.apply_to_current_thread() {
+                    tracing::warn!(error = %e, "scan thread priority not applied");
+                }
                 work_stage(
                     &*source, &job_rx, &result_tx, &expected, level, batch_len, drop_cache,
                 );
@@ -609,6 +615,7 @@ mod tests {
             batch_bytes,
             drop_page_cache: false,
             only: only.map(Arc::new),
+            priority: Default::default(),
         };
         let (_scan, mut rx) = Scan::start(job, 8);
         let mut changed = Vec::new();

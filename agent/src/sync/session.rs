@@ -204,6 +204,7 @@ impl AgentSession {
                 batch_bytes: cfg.sync.batch_bytes,
                 drop_page_cache: cfg.sync.drop_page_cache,
                 only: job.only.clone(),
+                priority: cfg.sync.scan_priority(),
             },
         ))
     }
