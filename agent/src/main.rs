@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use tideline_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 use tideline_agent::gelf;
 use tideline_agent::service::notify::{status_assignment, watchdog_interval};
+use tideline_agent::service::status_file::{self, StatusFile};
 use tideline_agent::service::{run_watchdog, Heartbeat, Notifier};
 use tideline_agent::transport::connection;
 use tokio::signal::unix::{signal, SignalKind};
@@ -34,6 +35,13 @@ enum Command {
     CheckConfig,
     /// Print the disks the agent would report, as JSON.
     Inventory,
+    /// Show what the running agent is doing, per disk: last committed point,
+    /// RPO lag, progress and ETA, last error.
+    Status {
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a disk as the agent reads it (raw file, block device, .vmdk or
     /// nbd:// URI) to a sparse raw image, to compare with other tools.
     Dump {
@@ -98,6 +106,7 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Command::Run => run(cfg, &cli.config),
+        Command::Status { json } => show_status(&cfg, json),
         Command::Dump { .. } => Ok(()),
     }
 }
@@ -187,6 +196,15 @@ fn run(cfg: AgentConfig, config_path: &std::path::Path) -> Result<()> {
             let _ = tx.send(true);
         });
         let settings = Arc::new(connection::RuntimeSettings::from_config(&cfg)?);
+        let status_file = Arc::new(StatusFile::open(&cfg.state.dir));
+        status_file.update(|d| {
+            d.controller = cfg.controller_addr();
+            d.disks
+                .retain(|id, _| cfg.disks.iter().any(|c| &c.id == id));
+            for c in &cfg.disks {
+                d.disks.entry(c.id.clone()).or_default();
+            }
+        });
         let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let reload = Reload {
             path: config_path.to_owned(),
@@ -207,6 +225,7 @@ fn run(cfg: AgentConfig, config_path: &std::path::Path) -> Result<()> {
             connection::ServiceHooks {
                 notifier,
                 heartbeat,
+                status_file,
             },
             settings,
         )
@@ -308,4 +327,69 @@ impl Reload {
         self.running.controller.server_name = new.controller.server_name.clone();
         let _ = self.notifier.send("READY=1");
     }
+}
+
+fn show_status(cfg: &AgentConfig, json: bool) -> Result<()> {
+    let path = cfg.state.dir.join(status_file::STATUS_FILE);
+    let doc = status_file::read(&path)
+        .with_context(|| format!("no status in {} (has the agent run yet?)", path.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    let now = status_file::unix_now();
+    let running = std::path::Path::new(&format!("/proc/{}", doc.pid)).exists();
+    let age = |t: u64| {
+        let s = now.saturating_sub(t);
+        if s < 120 {
+            format!("{s}s")
+        } else if s < 7200 {
+            format!("{}m", s / 60)
+        } else {
+            format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+        }
+    };
+    println!(
+        "agent {} (pid {}), {} {}, status from {} ago",
+        if running { "running" } else { "not running" },
+        doc.pid,
+        if doc.connected {
+            "connected to"
+        } else {
+            "not connected to"
+        },
+        doc.controller,
+        age(doc.updated_unix)
+    );
+    if let Some(s) = doc.session {
+        println!("session {s}");
+    }
+    if let Some(e) = &doc.last_error {
+        println!("last error: {e}");
+    }
+    println!(
+        "{:<16} {:>10} {:>10} {:>26} last error",
+        "disk", "point", "RPO lag", "progress"
+    );
+    for (id, d) in &doc.disks {
+        let progress = if d.scanning {
+            format!(
+                "{:.1}% {:.0} MiB/s ETA {}",
+                d.percent.unwrap_or(0.0),
+                d.mib_per_s.unwrap_or(0.0),
+                d.eta_secs.map_or("?".into(), |e| format!("{e:.0}s"))
+            )
+        } else {
+            "idle".into()
+        };
+        println!(
+            "{:<16} {:>10} {:>10} {:>26} {}",
+            id,
+            d.last_point.map_or("-".into(), |p| p.to_string()),
+            d.last_point_unix.map_or("-".into(), age),
+            progress,
+            d.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
 }

@@ -206,3 +206,52 @@ fn bandwidth_limit_holds_and_sighup_reloads_what_it_can() -> Result<()> {
     assert_same(&w.export("slow", "d", "latest")?, &img);
     Ok(())
 }
+
+#[test]
+fn status_shows_the_last_point_and_rpo_lag_per_disk() -> Result<()> {
+    use std::process::Command;
+    let mut w = World::new(&["st"])?;
+    w.start_controller()?;
+    make_image(&w.path("d.raw"), 4 << 20, 94)?;
+    let disks = [DiskSpec {
+        id: "data".into(),
+        path: w.path("d.raw"),
+        block_size: 65536,
+    }];
+    let cfg = w.agent_config("st", &disks, "st", "pki/ca.crt", w.port, "")?;
+    w.spawn_agent("st", &cfg)?;
+    w.wait_connected("st")?;
+    w.sync("st")?;
+    // The status file is refreshed about once a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let doc: Value = loop {
+        let out = run(Command::new(bin("tideline-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["status", "--json"]))?;
+        let doc: Value = serde_json::from_str(&out)?;
+        if doc["disks"]["data"]["last_point"] == 1 && doc["connected"] == true {
+            break doc;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed point 1: {doc}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(doc["disks"]["data"]["last_point_unix"].as_u64().is_some());
+    let text = run(Command::new(bin("tideline-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("status"))?;
+    assert!(
+        text.contains("agent running") && text.contains("connected to"),
+        "{text}"
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("data "))
+        .unwrap_or_default();
+    assert!(row.contains(" 1 ") && row.contains("idle"), "{text}");
+    Ok(())
+}

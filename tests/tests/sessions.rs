@@ -110,3 +110,44 @@ fn agents_with_the_same_disk_id_keep_separate_points() -> Result<()> {
     assert_same(&w.export("right", "data", "latest")?, &w.path("right.raw"));
     Ok(())
 }
+
+#[test]
+fn prometheus_metrics_report_points_lag_and_sessions() -> Result<()> {
+    use std::io::{Read, Write};
+    let mut w = World::new(&["prom"])?;
+    w.start_controller()?;
+    make_image(&w.path("d.raw"), 4 << 20, 65)?;
+    let disks = [DiskSpec {
+        id: "d".into(),
+        path: w.path("d.raw"),
+        block_size: 65536,
+    }];
+    w.start_agent("prom", &disks, "")?;
+    w.wait_connected("prom")?;
+    w.sync("prom")?;
+
+    let mut s = std::os::unix::net::UnixStream::connect(w.socket())?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("Content-Type: text/plain; version=0.0.4"),
+        "{text}"
+    );
+    for line in [
+        "tideline_agent_connected{agent=\"prom\"} 1",
+        "tideline_disk_latest_point{agent=\"prom\",disk=\"d\"} 1",
+        "tideline_sessions{state=\"done\"} 1",
+        "# TYPE tideline_disk_rpo_lag_seconds gauge",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("tideline_disk_rpo_lag_seconds{agent=\"prom\",disk=\"d\"} ")));
+    Ok(())
+}

@@ -18,6 +18,7 @@
 
 pub mod notify;
 pub mod status;
+pub mod status_file;
 pub mod watchdog;
 
 pub use notify::{watchdog_interval, Notifier, NotifyError};

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
+use crate::service::status_file::StatusFile;
 use crate::service::{Heartbeat, Notifier, StatusLine};
 use crate::sync::pipeline::{Scan, ScanItem, ScanStats};
 use crate::sync::session::{AgentSession, SessionError};
@@ -41,6 +42,8 @@ pub struct ServiceHooks {
     pub notifier: Arc<Notifier>,
     /// Progress of the work loop.
     pub heartbeat: Heartbeat,
+    /// `<state_dir>/status.json` for `tideline-agent status`.
+    pub status_file: Arc<StatusFile>,
 }
 
 impl ServiceHooks {
@@ -49,6 +52,7 @@ impl ServiceHooks {
         ServiceHooks {
             notifier: Arc::new(Notifier::disabled()),
             heartbeat: Heartbeat::new(),
+            status_file: Arc::new(StatusFile::open(&std::env::temp_dir())),
         }
     }
 
@@ -112,6 +116,12 @@ pub async fn run(
             Err(e) => {
                 let (addr, _) = settings.controller();
                 warn!(controller = %addr, error = %format!("{e:#}"), "control channel down");
+                hooks.status_file.update(|d| {
+                    d.connected = false;
+                    d.session = None;
+                    d.controller = addr.clone();
+                    d.last_error = Some(format!("{e:#}"));
+                });
                 hooks.status(&StatusLine {
                     connected: false,
                     controller: addr,
@@ -418,6 +428,40 @@ impl Driver {
             self.status.mib_per_s = None;
         }
         self.publish_status();
+        let p = &self.progress;
+        let scanning_disk = self.status.disk.clone();
+        let (percent, speed) = (self.status.percent, self.status.mib_per_s);
+        let block_size = self
+            .session
+            .as_ref()
+            .and_then(|s| s.geometry(self.scan_slot))
+            .map_or(0, |g| u64::from(g.block_size));
+        let left_mib =
+            p.block_count.saturating_sub(p.next_block) as f64 * block_size as f64 / 1048576.0;
+        let status = &self.status;
+        self.hooks.status_file.update(|d| {
+            d.connected = status.connected;
+            d.controller = status.controller.clone();
+            d.session = status.session;
+            for (id, disk) in d.disks.iter_mut() {
+                let here = scanning_disk.as_deref() == Some(id.as_str());
+                disk.scanning = here;
+                disk.percent = if here { percent } else { None };
+                disk.mib_per_s = if here { speed } else { None };
+                disk.eta_secs = if here {
+                    speed.filter(|s| *s > 0.0).map(|s| left_mib / s)
+                } else {
+                    None
+                };
+            }
+            if let Some(id) = &scanning_disk {
+                let disk = d.disks.entry(id.clone()).or_default();
+                disk.scanning = true;
+                disk.percent = percent;
+                disk.mib_per_s = speed;
+                disk.eta_secs = speed.filter(|s| *s > 0.0).map(|s| left_mib / s);
+            }
+        });
     }
 
     fn publish_status(&mut self) {
@@ -436,6 +480,16 @@ impl Driver {
             .or(self.link.session())
             .unwrap_or(0);
         warn!(session, error = %message, "session failed");
+        let disk = self
+            .session
+            .as_ref()
+            .map(|s| s.disk_id(self.scan_slot).to_owned());
+        self.hooks.status_file.update(|d| {
+            d.last_error = Some(message.clone());
+            if let Some(disk) = disk {
+                d.disks.entry(disk).or_default().last_error = Some(message.clone());
+            }
+        });
         self.scan = None;
         self.scan_rx = None;
         self.session = None;
@@ -512,7 +566,13 @@ impl Driver {
                     let disk = s.disk_id(c.slot).to_owned();
                     match s.on_committed(&c) {
                         Ok(()) => {
-                            info!(disk = %disk, point = c.point, root = %c.root, "point committed")
+                            info!(disk = %disk, point = c.point, root = %c.root, "point committed");
+                            self.hooks.status_file.update(|d| {
+                                let e = d.disks.entry(disk.clone()).or_default();
+                                e.last_point = Some(c.point);
+                                e.last_point_unix = Some(crate::service::status_file::unix_now());
+                                e.last_error = None;
+                            });
                         }
                         Err(e) => {
                             warn!(disk = %disk, error = %e, "could not advance the block map; the next sync will reconcile")

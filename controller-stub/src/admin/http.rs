@@ -67,20 +67,36 @@ impl Request {
 pub struct Response {
     /// HTTP status code.
     pub status: u16,
+    /// A plain-text body sent instead of `body` (Prometheus exposition).
+    pub text: Option<String>,
     /// JSON body (sent even when `Null`, except for 204 and 304).
     pub body: Value,
 }
 
 impl Response {
+    /// 200 with a plain-text body.
+    pub fn text(text: String) -> Self {
+        Response {
+            status: 200,
+            text: Some(text),
+            body: Value::Null,
+        }
+    }
+
     /// 200 with `body`.
     pub fn ok(body: Value) -> Self {
-        Response { status: 200, body }
+        Response {
+            status: 200,
+            text: None,
+            body,
+        }
     }
 
     /// `status` with `{"error": message}`.
     pub fn error(status: u16, message: impl Into<String>) -> Self {
         Response {
             status,
+            text: None,
             body: json!({ "error": message.into() }),
         }
     }
@@ -530,15 +546,17 @@ fn encode_response(r: &Response) -> Vec<u8> {
     } else {
         500
     };
-    let body = if status == 204 || status == 304 {
-        Vec::new()
+    let (body, content_type) = if status == 204 || status == 304 {
+        (Vec::new(), "application/json")
+    } else if let Some(text) = &r.text {
+        (text.as_bytes().to_vec(), "text/plain; version=0.0.4")
     } else {
         let mut b = serde_json::to_vec(&r.body).unwrap_or_else(|_| b"null".to_vec());
         b.push(b'\n');
-        b
+        (b, "application/json")
     };
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         reason(status),
         body.len()
     )
@@ -732,6 +750,7 @@ mod tests {
         let status = if req.method == "POST" { 201 } else { 200 };
         Response {
             status,
+            text: None,
             body: json!({
                 "method": req.method,
                 "path": req.path,

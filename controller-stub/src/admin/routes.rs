@@ -2,6 +2,7 @@
 //!
 //! | method | path | does |
 //! |---|---|---|
+//! | GET  | `/metrics` | Prometheus text exposition (see [`metrics`]) |
 //! | GET  | `/v1/agents` | agents, their disks, latest points and RPO lag |
 //! | POST | `/v1/agents/{agent}/sync` | start a sync (`{"disks": [..]}`, all disks when absent) |
 //! | GET  | `/v1/sessions` | every session since start |
@@ -26,6 +27,7 @@ use crate::store::{PointId, StoreError};
 pub async fn handle(ctl: Arc<Controller>, req: Request) -> Response {
     let parts: Vec<&str> = req.path.trim_matches('/').split('/').collect();
     match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["metrics"]) => Response::text(metrics(&ctl)),
         ("GET", ["v1", "agents"]) => Response::ok(json!(ctl.agents_summary())),
         ("POST", ["v1", "agents", agent, "sync"]) => {
             let disks: Vec<String> = match req.body.get("disks") {
@@ -146,4 +148,120 @@ fn store_error(e: StoreError) -> Response {
         _ => 500,
     };
     Response::error(status, e.to_string())
+}
+
+/// The controller's state in the Prometheus text format: per agent whether
+/// it is connected; per disk the latest point and its age (the RPO lag to
+/// alert on); sessions by state with the bytes they moved; the store's size.
+pub fn metrics(ctl: &Controller) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let agents = ctl.agents_summary();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    metric(
+        "tideline_agent_connected",
+        "gauge",
+        "1 when the agent's control channel is up.",
+        agents
+            .iter()
+            .map(|a| {
+                (
+                    format!("{{agent=\"{}\"}}", a.id),
+                    u8::from(a.connected).to_string(),
+                )
+            })
+            .collect(),
+    );
+    let disks: Vec<_> = agents
+        .iter()
+        .flat_map(|a| a.disks.iter().map(move |d| (a.id.clone(), d)))
+        .collect();
+    metric(
+        "tideline_disk_latest_point",
+        "gauge",
+        "Id of the disk's latest committed recovery point.",
+        disks
+            .iter()
+            .filter_map(|(a, d)| {
+                d.latest_point.map(|p| {
+                    (
+                        format!("{{agent=\"{a}\",disk=\"{}\"}}", d.id),
+                        p.to_string(),
+                    )
+                })
+            })
+            .collect(),
+    );
+    metric(
+        "tideline_disk_rpo_lag_seconds",
+        "gauge",
+        "Age of the disk's latest committed recovery point.",
+        disks
+            .iter()
+            .filter_map(|(a, d)| {
+                d.rpo_lag_secs.map(|s| {
+                    (
+                        format!("{{agent=\"{a}\",disk=\"{}\"}}", d.id),
+                        s.to_string(),
+                    )
+                })
+            })
+            .collect(),
+    );
+    let sessions: Vec<_> = {
+        let ids: Vec<u64> = ctl.registry().sessions.keys().copied().collect();
+        ids.into_iter()
+            .filter_map(|id| ctl.session_status(id))
+            .collect()
+    };
+    let mut by_state = std::collections::BTreeMap::new();
+    for s in &sessions {
+        let state = serde_json::to_value(&s.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        *by_state.entry(state).or_insert(0u64) += 1;
+    }
+    metric(
+        "tideline_sessions",
+        "gauge",
+        "Sessions since the controller started, by state.",
+        by_state
+            .into_iter()
+            .map(|(state, n)| (format!("{{state=\"{state}\"}}"), n.to_string()))
+            .collect(),
+    );
+    metric(
+        "tideline_session_wire_bytes_total",
+        "counter",
+        "Bytes received from agents in sessions since the controller started.",
+        vec![(
+            String::new(),
+            sessions
+                .iter()
+                .map(|s| s.wire_bytes)
+                .sum::<u64>()
+                .to_string(),
+        )],
+    );
+    let stats = ctl.store.stats();
+    metric(
+        "tideline_store_chunks",
+        "gauge",
+        "Distinct chunks in the store.",
+        vec![(String::new(), stats.chunks.to_string())],
+    );
+    metric(
+        "tideline_store_bytes",
+        "gauge",
+        "Bytes of chunk records in the store's packs.",
+        vec![(String::new(), stats.stored_bytes.to_string())],
+    );
+    out
 }
