@@ -182,9 +182,8 @@ class Cache:
 
     cold: sync and drop the page cache (needs root), so every tool reads the
           image from the device.
-    warm: read the files once, so every tool reads from memory. The agent
-          drops what it has read from the cache (POSIX_FADV_DONTNEED), so
-          the files are re-read before every measurement, not once.
+    warm: read the files first, before every measurement, so every tool
+          reads from memory.
     """
 
     def __init__(self, mode):

@@ -47,15 +47,6 @@ pub struct ServiceHooks {
 }
 
 impl ServiceHooks {
-    /// Hooks that report to nobody (tests, tools).
-    pub fn none() -> Self {
-        ServiceHooks {
-            notifier: Arc::new(Notifier::disabled()),
-            heartbeat: Heartbeat::new(),
-            status_file: Arc::new(StatusFile::open(&std::env::temp_dir())),
-        }
-    }
-
     fn status(&self, line: &StatusLine) {
         if let Err(e) = self.notifier.status(&line.to_string()) {
             debug!(error = %e, "status not delivered to the service manager");
