@@ -1,5 +1,6 @@
 //! One NBD connection: the fixed newstyle handshake and synchronous
-//! requests (one in flight at a time).
+//! requests (one in flight at a time): reads, block status, and for a
+//! writable export writes, writes of zeroes and flushes.
 //!
 //! Handshake, in order (layouts in [`super::wire`]):
 //!
@@ -35,6 +36,8 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(120);
 /// Most replies accepted for one option (a server looping on replies is
 /// broken).
 const MAX_OPTION_REPLIES: usize = 64;
+/// Writes up to this size go out in one `write` with their header.
+const SMALL_WRITE: usize = 64 * 1024;
 
 /// The name of the allocation context.
 pub const ALLOCATION_CONTEXT: &str = "base:allocation";
@@ -117,9 +120,13 @@ pub struct Negotiated {
     pub flags: u16,
     /// Minimum block size: requests are aligned to it.
     pub min_block: u32,
-    /// Largest read sent: the server's maximum payload, at most 32 MiB, a
-    /// multiple of `min_block`.
+    /// Largest read or write sent: the server's maximum block size, at
+    /// most 32 MiB, a multiple of `min_block`.
     pub max_payload: u32,
+    /// Largest `NBD_CMD_WRITE_ZEROES` sent: the server's maximum block size
+    /// (the spec binds write-zeroes requests to it too), or 1 GiB when it
+    /// sets none; a multiple of `min_block`.
+    pub max_zeroes: u32,
     /// Whether structured replies are on.
     pub structured: bool,
     /// Context id of `base:allocation` on this connection.
@@ -130,14 +137,21 @@ pub struct Negotiated {
 
 impl Negotiated {
     /// Whether another connection to the same export agreed on the same
-    /// terms (context ids are per connection and may differ).
+    /// terms (context ids are per connection and may differ; of the
+    /// transmission flags, those that change what the client sends).
     pub fn same_export(&self, other: &Negotiated) -> bool {
+        const USED_FLAGS: u16 = wire::TFLAG_READ_ONLY
+            | wire::TFLAG_SEND_FLUSH
+            | wire::TFLAG_SEND_WRITE_ZEROES
+            | wire::TFLAG_CAN_MULTI_CONN;
         self.size == other.size
+            && self.flags & USED_FLAGS == other.flags & USED_FLAGS
             && self.structured == other.structured
             && self.allocation.is_some() == other.allocation.is_some()
             && self.bitmap.is_some() == other.bitmap.is_some()
             && self.min_block == other.min_block
             && self.max_payload == other.max_payload
+            && self.max_zeroes == other.max_zeroes
     }
 }
 
@@ -160,6 +174,9 @@ pub struct Conn {
     scratch: Vec<u8>,
     /// What the handshake agreed.
     pub info: Negotiated,
+    /// The pool's name for this connection (to track which ones have
+    /// writes not yet flushed); 0 until the pool sets it.
+    pub id: u64,
 }
 
 /// Handshake errors of the pure handshake, before a URI is attached.
@@ -365,10 +382,12 @@ fn handshake(
     } else {
         0
     };
-    let (min_block, server_max) = block.unwrap_or((1, wire::DEFAULT_MAX_PAYLOAD));
-    // parse_info checked min <= max and max % min == 0; rounding the cap
-    // down to a multiple of min (a power of two up to 64 KiB) keeps it > 0.
+    let (min_block, server_max) = block.unwrap_or((1, wire::BLOCK_SIZE_UNLIMITED));
+    // parse_info checked min <= max and that max is a multiple of min or
+    // unlimited; rounding a cap of at least min down to a multiple of min
+    // (a power of two up to 64 KiB) keeps it > 0.
     let max_payload = server_max.min(wire::DEFAULT_MAX_PAYLOAD) / min_block * min_block;
+    let max_zeroes = server_max.min(wire::DEFAULT_MAX_ZEROES) / min_block * min_block;
     if i64::try_from(size).is_err() {
         return Err(WireError::TooLong {
             what: "export size",
@@ -382,6 +401,7 @@ fn handshake(
         flags,
         min_block,
         max_payload,
+        max_zeroes,
         structured,
         allocation,
         bitmap: bitmap_id,
@@ -434,22 +454,90 @@ impl Conn {
             next_cookie: 1,
             scratch: Vec::new(),
             info,
+            id: 0,
         })
     }
 
     fn send(&mut self, kind: u16, offset: u64, len: u32) -> Result<u64, ReplyError> {
+        self.send_with_data(kind, offset, len, &[])
+    }
+
+    /// Sends a request header followed by `data` (only `NBD_CMD_WRITE` has
+    /// any). Command flags stay 0: no REQ_ONE (all extents are welcome), no
+    /// DF (fragmented reads are reassembled), no NO_HOLE, no FUA.
+    fn send_with_data(
+        &mut self,
+        kind: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> Result<u64, ReplyError> {
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1);
-        let mut msg = [0u8; 28];
-        msg[0..4].copy_from_slice(&wire::REQUEST_MAGIC.to_be_bytes());
-        // Command flags stay 0: no REQ_ONE (all extents are welcome), no DF
-        // (fragmented reads are reassembled).
-        msg[6..8].copy_from_slice(&kind.to_be_bytes());
-        msg[8..16].copy_from_slice(&cookie.to_be_bytes());
-        msg[16..24].copy_from_slice(&offset.to_be_bytes());
-        msg[24..28].copy_from_slice(&len.to_be_bytes());
-        self.writer.write_all(&msg).map_err(ReplyError::Io)?;
+        let header = wire::encode_request(kind, cookie, offset, len);
+        if data.is_empty() {
+            self.writer.write_all(&header).map_err(ReplyError::Io)?;
+        } else if data.len() <= SMALL_WRITE {
+            // One segment for header and data.
+            let mut msg = Vec::with_capacity(header.len() + data.len());
+            msg.extend_from_slice(&header);
+            msg.extend_from_slice(data);
+            self.writer.write_all(&msg).map_err(ReplyError::Io)?;
+        } else {
+            self.writer.write_all(&header).map_err(ReplyError::Io)?;
+            self.writer.write_all(data).map_err(ReplyError::Io)?;
+        }
         Ok(cookie)
+    }
+
+    /// A command whose reply carries no data, and its reply.
+    fn no_data_command(
+        &mut self,
+        command: wire::Command,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> Result<(), ReplyError> {
+        let cookie = self.send_with_data(command.kind(), offset, len, data)?;
+        reply::receive_write_reply(
+            &mut self.reader,
+            cookie,
+            command,
+            offset,
+            len,
+            self.info.structured,
+            &mut self.scratch,
+        )
+    }
+
+    /// Writes `data` at `offset` (`NBD_CMD_WRITE`). The caller keeps the
+    /// request within the export, aligned to `min_block`, at most
+    /// `max_payload` and not empty, and only sends it to a writable export.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ReplyError> {
+        let len = u32::try_from(data.len()).map_err(|_| {
+            ReplyError::Wire(WireError::TooLong {
+                what: "write request",
+                len: data.len() as u64,
+                max: u32::MAX.into(),
+            })
+        })?;
+        self.no_data_command(wire::Command::Write, offset, len, data)
+    }
+
+    /// Zeroes `[offset, offset + len)` (`NBD_CMD_WRITE_ZEROES`, holes
+    /// allowed). The caller keeps the request within the export, aligned to
+    /// `min_block`, at most `max_zeroes` and not empty, and only sends it
+    /// when the export has `NBD_FLAG_SEND_WRITE_ZEROES`.
+    pub fn write_zeroes(&mut self, offset: u64, len: u32) -> Result<(), ReplyError> {
+        self.no_data_command(wire::Command::WriteZeroes, offset, len, &[])
+    }
+
+    /// `NBD_CMD_FLUSH`: every write this server has replied to on this
+    /// connection (with multi-conn: on any connection) reaches permanent
+    /// storage before the reply. Only for exports with
+    /// `NBD_FLAG_SEND_FLUSH`.
+    pub fn flush(&mut self) -> Result<(), ReplyError> {
+        self.no_data_command(wire::Command::Flush, 0, 0, &[])
     }
 
     /// Reads `buf.len()` bytes at `offset`. The caller keeps the request

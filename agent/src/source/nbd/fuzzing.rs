@@ -3,7 +3,7 @@
 //! (`fuzz/corpus/nbd_reply/`) through exactly the same code.
 //!
 //! Input layout: byte 0 selects what the rest is fed to, and its bits
-//! choose variants:
+//! choose variants. With bit 3 clear:
 //!
 //! | `b0 % 4` | rest of the input |
 //! | --- | --- |
@@ -12,12 +12,27 @@
 //! | 2 | u16 offset, u16 length - 1, then a block status reply to cookie 1 for contexts 1 and 2, wanting 1 or 2 (bit 2) |
 //! | 3 | structured chunks parsed back to back, for a read of 4096 bytes or block status (bit 2) |
 //!
+//! With bit 3 set: u16 offset, u16 length - 1, then the reply to cookie 1
+//! of a command whose reply carries no data, structured if bit 2 is set;
+//! `b0 % 4` picks the command: 0 and 3 `NBD_CMD_WRITE`, 1
+//! `NBD_CMD_WRITE_ZEROES`, 2 `NBD_CMD_FLUSH` (see [`write_command`]).
+//!
 //! Besides "no panic", successful results are checked: read replies fill
 //! exactly the buffer, block status extents are non-empty, contiguous from
-//! the request's offset and inside the request.
+//! the request's offset and inside the request; a server error to a write
+//! names an offset only inside the request, and none to a flush.
 
-use super::reply::{receive_block_status, receive_read};
+use super::reply::{receive_block_status, receive_read, receive_write_reply, ReplyError};
 use super::wire::{self, Command};
+
+/// The command a selector byte with bit 3 set stands for.
+pub fn write_command(sel: u8) -> Command {
+    match sel % 4 {
+        1 => Command::WriteZeroes,
+        2 => Command::Flush,
+        _ => Command::Write,
+    }
+}
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     match b.get(at..at + 2) {
@@ -32,6 +47,10 @@ pub fn check_reply_bytes(data: &[u8]) {
         return;
     };
     let variant = sel & 4 != 0;
+    if sel & 8 != 0 {
+        check_write_reply(write_command(sel), rest, variant);
+        return;
+    }
     match sel % 4 {
         0 => check_option_replies(rest, variant),
         1 => {
@@ -83,6 +102,37 @@ pub fn check_reply_bytes(data: &[u8]) {
                 b = &b[used..];
             }
         }
+    }
+}
+
+fn check_write_reply(command: Command, rest: &[u8], structured: bool) {
+    let offset = u64::from(u16_at(rest, 0));
+    let len = u32::from(u16_at(rest, 2)) + 1;
+    let (offset, len) = match command {
+        Command::Flush => (0, 0),
+        _ => (offset, len),
+    };
+    let mut input = rest.get(4..).unwrap_or(&[]);
+    let mut scratch = Vec::new();
+    let r = receive_write_reply(
+        &mut input,
+        1,
+        command,
+        offset,
+        len,
+        structured,
+        &mut scratch,
+    );
+    assert!(scratch.len() <= wire::MAX_ERROR_PAYLOAD as usize);
+    if let Err(ReplyError::Server {
+        offset: Some(at), ..
+    }) = r
+    {
+        assert!(command != Command::Flush, "error offset kept for a flush");
+        assert!(
+            at >= offset && at < offset + u64::from(len),
+            "error offset {at} outside the request"
+        );
     }
 }
 

@@ -10,12 +10,20 @@
 //! bitmap was started, so an incremental sync reads only that; without it
 //! the caller falls back to hashing the whole disk.
 //!
+//! Failback writes the other way: [`NbdDisk::connect_writable`] opens an
+//! export (a `qemu-nbd`-served VMDK or qcow2 standing in for a new VM's
+//! disk) and [`NbdDisk::write_at`], [`NbdDisk::write_zeroes`] and
+//! [`NbdDisk::flush`] fill it (`write` says how, and which rules of the
+//! protocol that relies on).
+//!
 //! Layout of this module:
 //!
 //! * [`uri`]: `nbd://host[:port]/export` and `nbd+unix:///export?socket=PATH`;
-//! * [`wire`]: protocol constants and pure parsers (the fuzzed part);
+//! * [`wire`]: protocol constants and pure parsers (the fuzzed part), in a
+//!   handshake half and a transmission half;
 //! * [`reply`]: receiving and checking one reply over any `Read`;
-//! * `conn`: one connection, its handshake and requests.
+//! * `conn`: one connection, its handshake and requests;
+//! * `write`: writes, zeroes and flushes through the pool.
 //!
 //! Connections: reader threads share the disk through `&self`. Requests are
 //! synchronous, one in flight per connection, so the disk keeps a small pool:
@@ -36,9 +44,12 @@ pub mod fuzzing;
 pub mod reply;
 pub mod uri;
 pub mod wire;
+mod write;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod write_tests;
 
 use conn::{Conn, Context, Negotiated};
 use reply::ReplyError;
@@ -132,6 +143,24 @@ pub enum NbdError {
         /// What the new one agreed.
         now: String,
     },
+    /// The export is read-only (`NBD_FLAG_READ_ONLY`).
+    #[error(
+        "NBD export {uri} is read-only (the server sets NBD_FLAG_READ_ONLY): it cannot be written"
+    )]
+    ReadOnly {
+        /// The URI.
+        uri: String,
+    },
+    /// Connections with writes not yet flushed were closed, and the server
+    /// does not promise that a flush on another connection covers them
+    /// (no `NBD_FLAG_CAN_MULTI_CONN`).
+    #[error("NBD export {uri}: {connections} connection(s) closed before their writes were flushed; without NBD_FLAG_CAN_MULTI_CONN those writes may not be durable and must be written again on a new connection")]
+    UnflushedWritesLost {
+        /// The URI.
+        uri: String,
+        /// How many such connections were closed.
+        connections: usize,
+    },
     /// A request outside the export.
     #[error("NBD export {uri}: range [{offset}, +{len}) is outside the export of {size} bytes")]
     OutOfRange {
@@ -170,11 +199,36 @@ fn errno_name(errno: u32) -> &'static str {
     }
 }
 
-/// Connections of one disk: idle ones, and how many exist in all.
+/// Connections of one disk: idle ones, how many exist in all, and which
+/// ones may hold writes not yet flushed.
 struct PoolState {
     idle: Vec<Conn>,
     open: usize,
     limit: usize,
+    /// [`Conn::id`] of the next connection opened.
+    next_id: u64,
+    /// Open connections that may have written since their last flush.
+    unflushed: Vec<u64>,
+    /// Connections closed while in `unflushed`.
+    lost_unflushed: usize,
+}
+
+impl PoolState {
+    /// Connection `id` may have written since its last flush.
+    fn mark_unflushed(&mut self, id: u64) {
+        if !self.unflushed.contains(&id) {
+            self.unflushed.push(id);
+        }
+    }
+
+    /// Connection `id` is being closed: its unflushed writes, if any, are
+    /// lost to a flush on another connection.
+    fn closing(&mut self, id: u64) {
+        if let Some(i) = self.unflushed.iter().position(|&u| u == id) {
+            self.unflushed.swap_remove(i);
+            self.lost_unflushed += 1;
+        }
+    }
 }
 
 /// A connection taken from the pool; returned when dropped unless it broke.
@@ -196,11 +250,27 @@ impl Lease<'_> {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         let mut st = self.disk.state();
-        match self.conn.take() {
-            Some(c) if self.usable => st.idle.push(c),
-            _ => st.open -= 1,
-        }
-        self.disk.freed.notify_one();
+        let broken = match self.conn.take() {
+            Some(c) if self.usable => {
+                st.idle.push(c);
+                None
+            }
+            Some(c) => {
+                st.open -= 1;
+                st.closing(c.id);
+                Some(c)
+            }
+            None => {
+                st.open -= 1;
+                None
+            }
+        };
+        drop(st);
+        // Waiters want any connection (lease) or one in particular (flush).
+        self.disk.freed.notify_all();
+        // Closed outside the lock: NBD_CMD_DISC on a broken socket may
+        // block until the write timeout.
+        drop(broken);
     }
 }
 
@@ -224,6 +294,11 @@ pub struct NbdDisk {
     pool: Mutex<PoolState>,
     freed: Condvar,
     allocation: Mutex<Option<StatusWindow>>,
+    /// Held while a minimum block is read, patched and written back.
+    patching: Mutex<()>,
+    /// Held by [`NbdDisk::flush`]: one flush at a time, so that a flush
+    /// never returns while another it relies on is still in flight.
+    flushing: Mutex<()>,
 }
 
 impl std::fmt::Debug for NbdDisk {
@@ -270,12 +345,18 @@ impl NbdDisk {
             bitmap: bitmap.map(str::to_owned),
             info,
             pool: Mutex::new(PoolState {
+                // The first connection has id 0 (Conn::open's).
                 idle: vec![first],
                 open: 1,
                 limit,
+                next_id: 1,
+                unflushed: Vec::new(),
+                lost_unflushed: 0,
             }),
             freed: Condvar::new(),
             allocation: Mutex::new(None),
+            patching: Mutex::new(()),
+            flushing: Mutex::new(()),
         })
     }
 
@@ -314,9 +395,12 @@ impl NbdDisk {
             }
             if st.open < st.limit {
                 st.open += 1;
+                let id = st.next_id;
+                st.next_id += 1;
                 drop(st);
-                let opened =
-                    Conn::open(&self.uri, &self.target, self.bitmap.as_deref()).and_then(|c| {
+                let opened = Conn::open(&self.uri, &self.target, self.bitmap.as_deref()).and_then(
+                    |mut c| {
+                        c.id = id;
                         if c.info.same_export(&self.info) {
                             Ok(c)
                         } else {
@@ -326,7 +410,8 @@ impl NbdDisk {
                                 now: format!("{:?}", c.info),
                             })
                         }
-                    });
+                    },
+                );
                 st = self.state();
                 match opened {
                     Ok(conn) => {
@@ -349,6 +434,26 @@ impl NbdDisk {
                     }
                 }
                 continue;
+            }
+            st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits until connection `id` is idle and takes it; `None` once it no
+    /// longer needs a flush (it was closed: counted in `lost_unflushed`).
+    fn lease_unflushed(&self, id: u64) -> Option<Lease<'_>> {
+        let mut st = self.state();
+        loop {
+            if !st.unflushed.contains(&id) {
+                return None;
+            }
+            if let Some(i) = st.idle.iter().position(|c| c.id == id) {
+                let conn = st.idle.swap_remove(i);
+                return Some(Lease {
+                    disk: self,
+                    conn: Some(conn),
+                    usable: true,
+                });
             }
             st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
         }

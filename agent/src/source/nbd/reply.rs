@@ -1,5 +1,7 @@
-//! Receiving one transmission reply: the reply to an `NBD_CMD_READ` or an
-//! `NBD_CMD_BLOCK_STATUS`, simple or structured, checked chunk by chunk.
+//! Receiving one transmission reply: the reply to an `NBD_CMD_READ`, an
+//! `NBD_CMD_BLOCK_STATUS`, or one of the commands whose reply carries no
+//! data (`NBD_CMD_WRITE`, `NBD_CMD_WRITE_ZEROES`, `NBD_CMD_FLUSH`), simple or
+//! structured, checked chunk by chunk.
 //!
 //! The functions here read from any [`Read`] (a socket in use, a byte slice
 //! in the fuzz target) and never trust a length before it is bounded:
@@ -17,6 +19,11 @@
 //! * block status chunks must name a negotiated context, at most once per
 //!   reply, with non-empty descriptors inside the request
 //!   ([`wire::parse_descriptors`]).
+//! * a reply to a write, a write of zeroes or a flush is a simple reply or
+//!   structured chunks of type `NONE` (empty, with DONE) and errors, at most
+//!   [`wire::MAX_WRITE_REPLY_CHUNKS`] of them; any chunk that would carry
+//!   data is a protocol error, and an `ERROR_OFFSET` must name an offset
+//!   inside the request ([`wire::error_offset_in_request`]).
 //!
 //! Error chunks are remembered and the reply is read to its DONE chunk, so
 //! that the connection stays usable after a server-side error.
@@ -54,10 +61,15 @@ impl From<WireError> for ReplyError {
     }
 }
 
+/// `NBD_ESHUTDOWN`: the server is shutting down.
+pub const ESHUTDOWN: u32 = 108;
+
 impl ReplyError {
-    /// Whether the connection can carry further requests.
+    /// Whether the connection can carry further requests: only after a
+    /// server error whose reply was read to its end, and not after
+    /// `NBD_ESHUTDOWN` (the spec: the client must then disconnect).
     pub fn connection_usable(&self) -> bool {
-        matches!(self, ReplyError::Server { in_sync: true, .. })
+        matches!(self, ReplyError::Server { in_sync: true, errno, .. } if *errno != ESHUTDOWN)
     }
 }
 
@@ -297,4 +309,76 @@ pub fn receive_block_status(
     }
     error.check()?;
     wanted.ok_or_else(|| WireError::MissingContext(want).into())
+}
+
+/// Receives the reply to a command whose reply carries no data
+/// (`NBD_CMD_WRITE`, `NBD_CMD_WRITE_ZEROES` or `NBD_CMD_FLUSH`) for the
+/// request `[offset, offset + len)` sent with `cookie`. `structured`:
+/// whether structured replies were negotiated; either way the server may
+/// answer with a simple reply.
+pub fn receive_write_reply(
+    r: &mut impl Read,
+    cookie: u64,
+    command: Command,
+    offset: u64,
+    len: u32,
+    structured: bool,
+    scratch: &mut Vec<u8>,
+) -> Result<(), ReplyError> {
+    let mut error = FirstError(None);
+    let mut chunks = 0usize;
+    loop {
+        let h = match read_header(r, cookie)? {
+            ReplyHeader::Simple { .. } if chunks > 0 => {
+                return Err(WireError::SimpleInsideStructured(command.name()).into())
+            }
+            ReplyHeader::Simple { error: 0, .. } => return Ok(()),
+            // Nothing follows a simple reply to these commands, so the
+            // stream stays in step after an error.
+            ReplyHeader::Simple { error, .. } => {
+                return Err(ReplyError::Server {
+                    errno: error,
+                    message: String::new(),
+                    offset: None,
+                    in_sync: true,
+                })
+            }
+            ReplyHeader::Chunk(_) if !structured => {
+                return Err(WireError::UnexpectedChunk(command.name()).into())
+            }
+            ReplyHeader::Chunk(h) => h,
+        };
+        chunks += 1;
+        if chunks > wire::MAX_WRITE_REPLY_CHUNKS {
+            return Err(WireError::TooManyChunks {
+                command: command.name(),
+                max: wire::MAX_WRITE_REPLY_CHUNKS,
+            }
+            .into());
+        }
+        // max_chunk_payload (in read_payload) allows these commands only
+        // NONE (no payload) and error chunks.
+        match read_payload(r, &h, command, scratch)? {
+            Chunk::None => {}
+            Chunk::Error {
+                errno,
+                message,
+                offset: at,
+            } => {
+                let at = wire::error_offset_in_request(command, at, offset, len.into())?;
+                error.note(errno, message, at);
+            }
+            Chunk::Data { .. } | Chunk::Hole { .. } | Chunk::BlockStatus { .. } => {
+                return Err(WireError::ChunkForWrongCommand {
+                    kind: h.kind,
+                    command: command.name(),
+                }
+                .into())
+            }
+        }
+        if h.done() {
+            break;
+        }
+    }
+    error.check()
 }

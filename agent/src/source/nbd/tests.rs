@@ -16,16 +16,16 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::reply::{receive_block_status, receive_read, ReplyError};
+use super::reply::{receive_block_status, receive_read, receive_write_reply, ReplyError};
 use super::wire::*;
 use super::*;
 
-const MIB: u64 = 1024 * 1024;
+pub(super) const MIB: u64 = 1024 * 1024;
 
 // ---------------------------------------------------------------------------
 // Encoders for what a server sends (fake server and corpus seeds).
 
-fn opt_reply(option: u32, reply: u32, payload: &[u8]) -> Vec<u8> {
+pub(super) fn opt_reply(option: u32, reply: u32, payload: &[u8]) -> Vec<u8> {
     let mut v = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
     v.extend_from_slice(&option.to_be_bytes());
     v.extend_from_slice(&reply.to_be_bytes());
@@ -34,14 +34,14 @@ fn opt_reply(option: u32, reply: u32, payload: &[u8]) -> Vec<u8> {
     v
 }
 
-fn info_export(size: u64, flags: u16) -> Vec<u8> {
+pub(super) fn info_export(size: u64, flags: u16) -> Vec<u8> {
     let mut p = INFO_EXPORT.to_be_bytes().to_vec();
     p.extend_from_slice(&size.to_be_bytes());
     p.extend_from_slice(&flags.to_be_bytes());
     opt_reply(OPT_GO, REP_INFO, &p)
 }
 
-fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
+pub(super) fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
     let mut p = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
     for v in [min, preferred, max] {
         p.extend_from_slice(&v.to_be_bytes());
@@ -55,7 +55,7 @@ fn meta_context(id: u32, name: &str) -> Vec<u8> {
     opt_reply(OPT_SET_META_CONTEXT, REP_META_CONTEXT, &p)
 }
 
-fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+pub(super) fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
     let mut v = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
     v.extend_from_slice(&flags.to_be_bytes());
     v.extend_from_slice(&kind.to_be_bytes());
@@ -65,7 +65,7 @@ fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
     v
 }
 
-fn done(last: bool) -> u16 {
+pub(super) fn done(last: bool) -> u16 {
     if last {
         REPLY_FLAG_DONE
     } else {
@@ -73,19 +73,19 @@ fn done(last: bool) -> u16 {
     }
 }
 
-fn data_chunk(cookie: u64, offset: u64, data: &[u8], last: bool) -> Vec<u8> {
+pub(super) fn data_chunk(cookie: u64, offset: u64, data: &[u8], last: bool) -> Vec<u8> {
     let mut p = offset.to_be_bytes().to_vec();
     p.extend_from_slice(data);
     chunk(done(last), REPLY_TYPE_OFFSET_DATA, cookie, &p)
 }
 
-fn hole_chunk(cookie: u64, offset: u64, len: u32, last: bool) -> Vec<u8> {
+pub(super) fn hole_chunk(cookie: u64, offset: u64, len: u32, last: bool) -> Vec<u8> {
     let mut p = offset.to_be_bytes().to_vec();
     p.extend_from_slice(&len.to_be_bytes());
     chunk(done(last), REPLY_TYPE_OFFSET_HOLE, cookie, &p)
 }
 
-fn status_chunk(cookie: u64, context: u32, desc: &[(u32, u32)], last: bool) -> Vec<u8> {
+pub(super) fn status_chunk(cookie: u64, context: u32, desc: &[(u32, u32)], last: bool) -> Vec<u8> {
     let mut p = context.to_be_bytes().to_vec();
     for (len, flags) in desc {
         p.extend_from_slice(&len.to_be_bytes());
@@ -94,18 +94,32 @@ fn status_chunk(cookie: u64, context: u32, desc: &[(u32, u32)], last: bool) -> V
     chunk(done(last), REPLY_TYPE_BLOCK_STATUS, cookie, &p)
 }
 
-fn error_chunk(cookie: u64, errno: u32, msg: &str, last: bool) -> Vec<u8> {
+pub(super) fn error_chunk(cookie: u64, errno: u32, msg: &str, last: bool) -> Vec<u8> {
     let mut p = errno.to_be_bytes().to_vec();
     p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     p.extend_from_slice(msg.as_bytes());
     chunk(done(last), REPLY_TYPE_ERROR, cookie, &p)
 }
 
-fn none_chunk(cookie: u64) -> Vec<u8> {
+pub(super) fn error_offset_chunk(
+    cookie: u64,
+    errno: u32,
+    msg: &str,
+    at: u64,
+    last: bool,
+) -> Vec<u8> {
+    let mut p = errno.to_be_bytes().to_vec();
+    p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    p.extend_from_slice(msg.as_bytes());
+    p.extend_from_slice(&at.to_be_bytes());
+    chunk(done(last), REPLY_TYPE_ERROR_OFFSET, cookie, &p)
+}
+
+pub(super) fn none_chunk(cookie: u64) -> Vec<u8> {
     chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, &[])
 }
 
-fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
+pub(super) fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
     let mut v = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
     v.extend_from_slice(&error.to_be_bytes());
     v.extend_from_slice(&cookie.to_be_bytes());
@@ -114,9 +128,9 @@ fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
 
 /// Input for the fuzz entry point: selector byte, then u16 offset and u16
 /// length - 1 for replies to a request.
-fn fuzz_input(sel: u8, offset: u16, len: u16, body: &[u8]) -> Vec<u8> {
+pub(super) fn fuzz_input(sel: u8, offset: u16, len: u16, body: &[u8]) -> Vec<u8> {
     let mut v = vec![sel];
-    if sel % 4 == 1 || sel % 4 == 2 {
+    if sel & 8 != 0 || sel % 4 == 1 || sel % 4 == 2 {
         v.extend_from_slice(&offset.to_be_bytes());
         v.extend_from_slice(&(len - 1).to_be_bytes());
     }
@@ -459,6 +473,12 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     chunks.extend(hole_chunk(1, 100, 100, false));
     chunks.extend(error_chunk(1, 22, "bad", false));
     chunks.extend(none_chunk(1));
+    let mut werr = error_offset_chunk(1, 28, "no space", 200, false);
+    werr.extend(none_chunk(1));
+    let mut werr_outside = error_offset_chunk(1, 28, "no space", 5000, false);
+    werr_outside.extend(none_chunk(1));
+    let mut ferr = error_offset_chunk(1, 5, "flush failed", 77, false);
+    ferr.extend(none_chunk(1));
 
     vec![
         ("opt-go", fuzz_input(0, 0, 0, &go)),
@@ -497,6 +517,38 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("status-duplicate", fuzz_input(2, 0, 16384, &dup)),
         ("chunks-read", fuzz_input(3, 0, 0, &chunks)),
         ("chunks-status", fuzz_input(7, 0, 0, &status)),
+        // Replies to writes (bit 3), write zeroes (+1) and flushes (+2),
+        // structured when bit 2 is set.
+        ("write-none", fuzz_input(12, 100, 512, &none_chunk(1))),
+        ("write-simple", fuzz_input(8, 100, 512, &simple_reply(0, 1))),
+        ("zeroes-none", fuzz_input(13, 0, 4096, &none_chunk(1))),
+        ("write-error-offset", fuzz_input(12, 100, 512, &werr)),
+        (
+            "write-error-offset-outside",
+            fuzz_input(12, 100, 512, &werr_outside),
+        ),
+        (
+            "write-data-chunk",
+            fuzz_input(12, 0, 16, &data_chunk(1, 0, &[1; 16], true)),
+        ),
+        (
+            "write-none-payload",
+            fuzz_input(
+                12,
+                0,
+                16,
+                &chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, &[0; 4]),
+            ),
+        ),
+        (
+            "write-chunk-unnegotiated",
+            fuzz_input(8, 0, 16, &none_chunk(1)),
+        ),
+        (
+            "flush-simple-error",
+            fuzz_input(10, 0, 1, &simple_reply(5, 1)),
+        ),
+        ("flush-error-offset", fuzz_input(14, 0, 1, &ferr)),
     ]
 }
 
@@ -545,7 +597,38 @@ fn seeds_reach_the_outcomes_their_names_promise() {
     for (name, b) in seeds() {
         let (sel, rest) = (b[0], &b[1..]);
         let good = !name.contains('-')
-            || ["read-whole", "read-split", "read-simple", "status-bitmap"].contains(&name);
+            || [
+                "read-whole",
+                "read-split",
+                "read-simple",
+                "status-bitmap",
+                "write-none",
+                "write-simple",
+                "zeroes-none",
+            ]
+            .contains(&name);
+        if sel & 8 != 0 {
+            let command = fuzzing::write_command(sel);
+            let (off, len) = match command {
+                wire::Command::Flush => (0, 0),
+                _ => (
+                    u64::from(u16::from_be_bytes([rest[0], rest[1]])),
+                    u32::from(u16::from_be_bytes([rest[2], rest[3]])) + 1,
+                ),
+            };
+            let mut input = &rest[4..];
+            let r = receive_write_reply(
+                &mut input,
+                1,
+                command,
+                off,
+                len,
+                sel & 4 != 0,
+                &mut Vec::new(),
+            );
+            assert_eq!(r.is_ok(), good, "seed {name}: {r:?}");
+            continue;
+        }
         let ok = match sel % 4 {
             1 => {
                 let off = u64::from(u16::from_be_bytes([rest[0], rest[1]]));
@@ -567,7 +650,7 @@ fn seeds_reach_the_outcomes_their_names_promise() {
 // ---------------------------------------------------------------------------
 // A fake server that completes the handshake, then misbehaves.
 
-fn read_exact(s: &mut UnixStream, n: usize) -> Vec<u8> {
+pub(super) fn read_exact(s: &mut UnixStream, n: usize) -> Vec<u8> {
     let mut b = vec![0u8; n];
     s.read_exact(&mut b).expect("fake server read");
     b
@@ -576,7 +659,7 @@ fn read_exact(s: &mut UnixStream, n: usize) -> Vec<u8> {
 /// Server side of the handshake: structured replies, `base:allocation` as
 /// context 7, an export of `size` bytes. `go_reply` replaces the normal
 /// answer to `NBD_OPT_GO` when given.
-fn fake_handshake(s: &mut UnixStream, size: u64, go_reply: Option<Vec<u8>>) {
+pub(super) fn fake_handshake(s: &mut UnixStream, size: u64, go_reply: Option<Vec<u8>>) {
     let mut hello = NBDMAGIC.to_be_bytes().to_vec();
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
@@ -621,15 +704,15 @@ fn fake_request(s: &mut UnixStream) -> (u16, u64, u64, u32) {
     )
 }
 
-struct FakeServer {
-    uri: String,
+pub(super) struct FakeServer {
+    pub(super) uri: String,
     thread: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
 impl FakeServer {
     /// Serves one connection: handshake, then `script`.
-    fn start(
+    pub(super) fn start(
         size: u64,
         go_reply: Option<Vec<u8>>,
         script: impl FnOnce(&mut UnixStream) + Send + 'static,
@@ -653,7 +736,7 @@ impl FakeServer {
     }
 
     /// Waits for the server thread; a panic there fails the test.
-    fn join(mut self) {
+    pub(super) fn join(mut self) {
         if let Some(t) = self.thread.take() {
             t.join().expect("fake server panicked");
         }
@@ -850,7 +933,7 @@ fn reads_past_the_export_are_refused_locally() {
 // ---------------------------------------------------------------------------
 // Real servers.
 
-fn need_tool(name: &str) {
+pub(super) fn need_tool(name: &str) {
     let found = Command::new(name)
         .arg("--version")
         .stdout(Stdio::null())
@@ -860,7 +943,7 @@ fn need_tool(name: &str) {
     assert!(found, "{name} not found: run scripts/install-deps.sh");
 }
 
-fn run(cmd: &mut Command) -> String {
+pub(super) fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -871,9 +954,9 @@ fn run(cmd: &mut Command) -> String {
 }
 
 /// A server process, killed when dropped.
-struct Server {
-    child: Child,
-    uri: String,
+pub(super) struct Server {
+    pub(super) child: Child,
+    pub(super) uri: String,
 }
 
 impl Drop for Server {
@@ -883,7 +966,7 @@ impl Drop for Server {
     }
 }
 
-fn wait_listening(child: &mut Child, sock: &Path) {
+pub(super) fn wait_listening(child: &mut Child, sock: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if UnixStream::connect(sock).is_ok() {
@@ -922,7 +1005,7 @@ fn qemu_nbd(dir: &Path, image: &Path, extra: &[&str]) -> Server {
 }
 
 /// `nbdkit` in the foreground on a Unix socket in `dir`.
-fn nbdkit(dir: &Path, args: &[&str]) -> Server {
+pub(super) fn nbdkit(dir: &Path, args: &[&str]) -> Server {
     need_tool("nbdkit");
     let sock = dir.join("nbdkit.sock");
     let mut child = Command::new("nbdkit")

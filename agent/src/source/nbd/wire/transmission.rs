@@ -1,49 +1,10 @@
-//! The NBD wire format: constants and pure parsers for what a server sends.
-//!
-//! Everything here works on byte slices and never touches a socket, so the
-//! fuzz target `nbd_reply` can drive it with arbitrary input. All integers
-//! are big-endian ("network byte order"). Reference: the NBD protocol
-//! specification, `doc/proto.md` in the NetworkBlockDevice/nbd repository.
-//!
-//! # Handshake (fixed newstyle)
-//!
-//! ```text
-//! S: u64 NBDMAGIC (0x4e42444d41474943, "NBDMAGIC")
-//! S: u64 IHAVEOPT (0x49484156454f5054, "IHAVEOPT"); oldstyle servers send
-//!    0x00420281861253 instead and are refused
-//! S: u16 handshake flags: FIXED_NEWSTYLE (bit 0), NO_ZEROES (bit 1)
-//! C: u32 client flags: the same bits, echoed for what the client supports
-//! ```
-//!
-//! # Option haggling
-//!
-//! ```text
-//! C: u64 IHAVEOPT, u32 option, u32 length, payload
-//! S: u64 0x3e889045565a9, u32 option (echoed), u32 reply type, u32 length,
-//!    payload (bounded here to MAX_OPTION_PAYLOAD)
-//! ```
-//!
-//! Options used: `NBD_OPT_STRUCTURED_REPLY` (8, no payload, answered with
-//! `NBD_REP_ACK`), `NBD_OPT_SET_META_CONTEXT` (10: u32 export name length,
-//! name, u32 query count, each query as u32 length + string; answered with one
-//! `NBD_REP_META_CONTEXT` (4: u32 context id + name) per selected context,
-//! then `NBD_REP_ACK`), `NBD_OPT_GO` (7: u32 export name length, name, u16
-//! info request count, u16 info types; answered with `NBD_REP_INFO` (3)
-//! replies, then `NBD_REP_ACK`) and, for servers without `NBD_OPT_GO`,
-//! `NBD_OPT_EXPORT_NAME` (1: the name; answered with u64 size, u16
-//! transmission flags and 124 zero bytes unless NO_ZEROES was agreed).
-//!
-//! `NBD_REP_INFO` payloads start with a u16 info type: `NBD_INFO_EXPORT` (0:
-//! u64 export size, u16 transmission flags) and `NBD_INFO_BLOCK_SIZE` (3:
-//! u32 minimum, u32 preferred, u32 maximum payload). Reply types with bit
-//! 31 set are errors (`NBD_REP_ERR_UNSUP` = 2^31 + 1, ...), whose payload
-//! is an optional human-readable message.
-//!
-//! # Transmission
+//! The transmission half of the wire format: requests, simple replies and
+//! structured reply chunks, and the checks on what a reply may cover.
 //!
 //! ```text
 //! C: u32 0x25609513, u16 command flags, u16 type, u64 cookie, u64 offset,
 //!    u32 length                                     (28 bytes)
+//!    then, for NBD_CMD_WRITE only, exactly `length` bytes of data
 //! S: simple reply: u32 0x67446698, u32 error, u64 cookie, then for a
 //!    successful NBD_CMD_READ exactly `length` bytes  (16 bytes + data)
 //! S: structured reply chunk: u32 0x668e33ef, u16 flags (bit 0 = DONE),
@@ -66,17 +27,35 @@
 //!
 //! Block status flags: for `base:allocation` bit 0 is `NBD_STATE_HOLE`, bit 1
 //! `NBD_STATE_ZERO`; for `qemu:dirty-bitmap:NAME` bit 0 means dirty.
+//!
+//! # Commands
+//!
+//! | command | value | offset, length | valid replies |
+//! | --- | --- | --- | --- |
+//! | `NBD_CMD_READ` | 0 | the range | data, holes, errors |
+//! | `NBD_CMD_WRITE` | 1 | the range; `length` bytes follow the header | no payload: simple, or `NONE` / errors |
+//! | `NBD_CMD_DISC` | 2 | both 0 | none |
+//! | `NBD_CMD_FLUSH` | 3 | both 0 | no payload: simple, or `NONE` / errors |
+//! | `NBD_CMD_WRITE_ZEROES` | 6 | the range; no data follows | no payload: simple, or `NONE` / errors |
+//! | `NBD_CMD_BLOCK_STATUS` | 7 | the range | block status chunks, errors |
+//!
+//! The client sends `NBD_CMD_FLUSH` only when the export has
+//! `NBD_FLAG_SEND_FLUSH` (bit 2) and `NBD_CMD_WRITE_ZEROES` only with
+//! `NBD_FLAG_SEND_WRITE_ZEROES` (bit 6); it writes nothing to an export with
+//! `NBD_FLAG_READ_ONLY` (bit 1). Command flags are always 0: in particular
+//! no `NBD_CMD_FLAG_NO_HOLE` (bit 1), so the server may punch a hole
+//! wherever it zeroes, and no `NBD_CMD_FLAG_FUA` (durability comes from
+//! the flush).
+//!
+//! An error chunk's offset (`ERROR_OFFSET`) must lie inside the request it
+//! answers; for a flush, whose request has no range, it is ignored (the
+//! spec makes an unexpected error type an error of the reply, not of the
+//! stream).
 
 use std::collections::BTreeMap;
 
-/// "NBDMAGIC": the first 8 bytes every server sends.
-pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-/// "IHAVEOPT": newstyle server greeting and the prefix of every option.
-pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-/// What an oldstyle server sends instead of `IHAVEOPT`.
-pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
-/// Prefix of every option reply.
-pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+use super::{be16, be32, be64, message_text, need, WireError};
+
 /// Prefix of every transmission request.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Prefix of a simple reply.
@@ -84,52 +63,39 @@ pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Prefix of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
-/// Handshake flag: the server speaks fixed newstyle.
-pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-/// Handshake flag: no 124 zero bytes after `NBD_OPT_EXPORT_NAME`.
-pub const FLAG_NO_ZEROES: u16 = 1 << 1;
-/// Client flag: the client speaks fixed newstyle.
-pub const CLIENT_FIXED_NEWSTYLE: u32 = 1 << 0;
-/// Client flag: the client wants no zero padding.
-pub const CLIENT_NO_ZEROES: u32 = 1 << 1;
-
-/// `NBD_OPT_EXPORT_NAME`: select an export, the old way (no error replies).
-pub const OPT_EXPORT_NAME: u32 = 1;
-/// `NBD_OPT_GO`: select an export and end the handshake.
-pub const OPT_GO: u32 = 7;
-/// `NBD_OPT_STRUCTURED_REPLY`: ask for structured replies.
-pub const OPT_STRUCTURED_REPLY: u32 = 8;
-/// `NBD_OPT_SET_META_CONTEXT`: select block status contexts.
-pub const OPT_SET_META_CONTEXT: u32 = 10;
-
-/// `NBD_REP_ACK`: the option is done.
-pub const REP_ACK: u32 = 1;
-/// `NBD_REP_INFO`: one piece of export information.
-pub const REP_INFO: u32 = 3;
-/// `NBD_REP_META_CONTEXT`: one selected context and its id.
-pub const REP_META_CONTEXT: u32 = 4;
-/// Bit 31 marks an option reply as an error.
-pub const REP_ERR_BIT: u32 = 1 << 31;
-
-/// `NBD_INFO_EXPORT`: export size and transmission flags.
-pub const INFO_EXPORT: u16 = 0;
-/// `NBD_INFO_BLOCK_SIZE`: minimum, preferred and maximum block sizes.
-pub const INFO_BLOCK_SIZE: u16 = 3;
-
 /// Transmission flag: the other flags are valid.
 pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
 /// Transmission flag: the export is read-only.
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
-/// Transmission flag: several connections see the same data (safe to read
-/// in parallel over several connections).
+/// Transmission flag: the server understands `NBD_CMD_FLUSH`.
+pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+/// Transmission flag: the server understands `NBD_CMD_WRITE_ZEROES` (and
+/// its `NBD_CMD_FLAG_NO_HOLE`).
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// Transmission flag: the server has no cache, or one cache shared by all
+/// connections, so several connections see the same data and a flush on
+/// any of them covers writes completed on all of them.
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 /// `NBD_CMD_READ`.
 pub const CMD_READ: u16 = 0;
+/// `NBD_CMD_WRITE`: the request header is followed by the data.
+pub const CMD_WRITE: u16 = 1;
 /// `NBD_CMD_DISC`: orderly disconnect, no reply.
 pub const CMD_DISC: u16 = 2;
+/// `NBD_CMD_FLUSH`: offset and length 0.
+pub const CMD_FLUSH: u16 = 3;
+/// `NBD_CMD_WRITE_ZEROES`: no data follows the header.
+pub const CMD_WRITE_ZEROES: u16 = 6;
 /// `NBD_CMD_BLOCK_STATUS`.
 pub const CMD_BLOCK_STATUS: u16 = 7;
+
+/// Command flag of `NBD_CMD_WRITE_ZEROES`: the range must stay allocated.
+/// Never sent: zeroed ranges may become holes.
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+
+/// Length of a request header.
+pub const REQUEST_LEN: usize = 28;
 
 /// Structured reply flag: last chunk of the reply.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -155,10 +121,15 @@ pub const STATE_ZERO: u32 = 1 << 1;
 /// `qemu:dirty-bitmap:NAME`: the extent changed since the bitmap started.
 pub const STATE_DIRTY: u32 = 1 << 0;
 
-/// Largest option reply payload accepted (no legitimate reply comes near).
-pub const MAX_OPTION_PAYLOAD: u32 = 64 * 1024;
-/// Maximum read payload when the server does not say (the spec's default).
+/// Largest read or write payload when the server does not say (the spec's
+/// advice to clients: 2^25 bytes is never taken for a denial of service).
 pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+/// Largest `NBD_CMD_WRITE_ZEROES` when the server sets no maximum block
+/// size (nothing is sent for it, so only the server's work is bounded; a
+/// multiple of every possible minimum block size).
+pub const DEFAULT_MAX_ZEROES: u32 = 1 << 30;
+/// "No inherent limit" as a maximum block size in `NBD_INFO_BLOCK_SIZE`.
+pub const BLOCK_SIZE_UNLIMITED: u32 = u32::MAX;
 /// Most descriptors accepted in one block status chunk (8 MiB of payload;
 /// qemu-nbd sends at most 128 Ki).
 pub const MAX_STATUS_DESCRIPTORS: u32 = 1 << 20;
@@ -166,371 +137,14 @@ pub const MAX_STATUS_DESCRIPTORS: u32 = 1 << 20;
 pub const MAX_ERROR_PAYLOAD: u32 = 4 + 2 + 0xffff + 8;
 /// Most disjoint pieces a structured read reply may arrive in.
 pub const MAX_READ_PIECES: usize = 64 * 1024;
-/// Longest error message kept from a server.
-const MAX_MESSAGE: usize = 4096;
+/// Most chunks accepted in a reply to a write, a write of zeroes or a flush
+/// (a `NONE` and error chunks: one `ERROR_OFFSET` per failed piece).
+pub const MAX_WRITE_REPLY_CHUNKS: usize = 64 * 1024;
 
 /// Length of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Length of a structured reply chunk header.
 pub const CHUNK_HEADER_LEN: usize = 20;
-/// Length of an option reply header.
-pub const OPTION_REPLY_HEADER_LEN: usize = 20;
-
-/// A defect in what the server sent.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WireError {
-    /// Fewer bytes than the structure needs.
-    #[error("short {what}: {got} bytes, need {need}")]
-    Short {
-        /// The structure.
-        what: &'static str,
-        /// Bytes available.
-        got: usize,
-        /// Bytes needed.
-        need: usize,
-    },
-    /// A magic number is wrong.
-    #[error("bad magic in {what}: {got:#x}")]
-    BadMagic {
-        /// The structure.
-        what: &'static str,
-        /// The value received.
-        got: u64,
-    },
-    /// The server is an oldstyle server.
-    #[error("oldstyle NBD servers are not supported (fixed newstyle required)")]
-    Oldstyle,
-    /// The server does not offer fixed newstyle negotiation.
-    #[error("server does not support fixed newstyle negotiation (handshake flags {0:#x})")]
-    NotFixedNewstyle(u16),
-    /// An option reply answers another option.
-    #[error("option reply for option {got}, expected {expected}")]
-    WrongOption {
-        /// The option sent.
-        expected: u32,
-        /// The option the reply names.
-        got: u32,
-    },
-    /// A length field is larger than the structure allows.
-    #[error("{what} length {len} exceeds the limit of {max}")]
-    TooLong {
-        /// The structure.
-        what: &'static str,
-        /// The length received.
-        len: u64,
-        /// The bound.
-        max: u64,
-    },
-    /// A structure's payload has the wrong size for its type.
-    #[error("{what} payload has {len} bytes, expected {expected}")]
-    BadLength {
-        /// The structure.
-        what: &'static str,
-        /// The length received.
-        len: u64,
-        /// What the type requires.
-        expected: &'static str,
-    },
-    /// An option reply type that makes no sense for the option.
-    #[error("unexpected reply type {reply:#x} to option {option}")]
-    UnexpectedOptionReply {
-        /// The option.
-        option: u32,
-        /// The reply type.
-        reply: u32,
-    },
-    /// Block sizes that violate the specification.
-    #[error("invalid block sizes: minimum {min}, preferred {preferred}, maximum {max}")]
-    BadBlockSizes {
-        /// Minimum.
-        min: u32,
-        /// Preferred.
-        preferred: u32,
-        /// Maximum payload.
-        max: u32,
-    },
-    /// `NBD_OPT_GO` ended without `NBD_INFO_EXPORT`.
-    #[error("server ended NBD_OPT_GO without sending the export size")]
-    NoExportInfo,
-    /// The server selected a context that was not asked for.
-    #[error("server selected meta context {0:?}, which was not requested")]
-    UnrequestedContext(String),
-    /// A reply's cookie matches no outstanding request.
-    #[error("reply cookie {got:#x} matches no request (outstanding {expected:#x})")]
-    UnknownCookie {
-        /// The cookie in flight.
-        expected: u64,
-        /// The cookie received.
-        got: u64,
-    },
-    /// A chunk type this client does not know.
-    #[error("unknown structured reply type {0}")]
-    UnknownChunkType(u16),
-    /// A known chunk type that does not belong to the command.
-    #[error("reply type {kind} is not valid for {command}")]
-    ChunkForWrongCommand {
-        /// The chunk type.
-        kind: u16,
-        /// The command.
-        command: &'static str,
-    },
-    /// `NBD_REPLY_TYPE_NONE` without the DONE flag.
-    #[error("NBD_REPLY_TYPE_NONE chunk without the DONE flag")]
-    NoneNotDone,
-    /// A simple reply where structured replies were agreed, carrying data.
-    #[error("simple reply with data to {0} after structured replies were negotiated")]
-    UnexpectedSimpleReply(&'static str),
-    /// A read chunk outside the request or the export.
-    #[error("reply covers [{start}, {end}), outside the request [{req_start}, {req_end})")]
-    OutOfRange {
-        /// Start of the chunk.
-        start: u64,
-        /// End of the chunk.
-        end: u64,
-        /// Start of the request.
-        req_start: u64,
-        /// End of the request.
-        req_end: u64,
-    },
-    /// Two read chunks cover the same bytes.
-    #[error("reply chunks overlap at offset {0}")]
-    Overlap(u64),
-    /// A read reply arrived in too many disjoint pieces.
-    #[error("read reply split into more than {0} disjoint pieces")]
-    TooFragmented(usize),
-    /// A successful read reply did not cover the whole request.
-    #[error("read reply covers {covered} of {len} requested bytes")]
-    Incomplete {
-        /// Bytes covered.
-        covered: u64,
-        /// Bytes requested.
-        len: u64,
-    },
-    /// A zero-length chunk or descriptor.
-    #[error("zero-length {0}")]
-    ZeroLength(&'static str),
-    /// Block status for a context that was not negotiated.
-    #[error("block status for context id {0}, which was not negotiated")]
-    UnknownContext(u32),
-    /// Two block status chunks for one context in one reply.
-    #[error("two block status chunks for context id {0} in one reply")]
-    DuplicateContext(u32),
-    /// A block status reply without the wanted context.
-    #[error("block status reply has no descriptors for context id {0}")]
-    MissingContext(u32),
-    /// A descriptor starting at or past the end of the request.
-    #[error(
-        "block status descriptor at offset {start} is past the requested range ending at {end}"
-    )]
-    DescriptorPastRange {
-        /// Where the descriptor starts.
-        start: u64,
-        /// End of the request.
-        end: u64,
-    },
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-
-fn need(what: &'static str, b: &[u8], n: usize) -> Result<(), WireError> {
-    if b.len() < n {
-        return Err(WireError::Short {
-            what,
-            got: b.len(),
-            need: n,
-        });
-    }
-    Ok(())
-}
-
-/// A server message, as text: lossy UTF-8, at most 4096 bytes.
-pub fn message_text(b: &[u8]) -> String {
-    let b = &b[..b.len().min(MAX_MESSAGE)];
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Parses the 18-byte server greeting; returns the handshake flags.
-pub fn parse_greeting(b: &[u8]) -> Result<u16, WireError> {
-    need("server greeting", b, 18)?;
-    let magic = be64(b, 0);
-    if magic != NBDMAGIC {
-        return Err(WireError::BadMagic {
-            what: "server greeting",
-            got: magic,
-        });
-    }
-    match be64(b, 8) {
-        IHAVEOPT => {}
-        OLDSTYLE_MAGIC => return Err(WireError::Oldstyle),
-        other => {
-            return Err(WireError::BadMagic {
-                what: "server greeting",
-                got: other,
-            })
-        }
-    }
-    let flags = be16(b, 16);
-    if flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(WireError::NotFixedNewstyle(flags));
-    }
-    Ok(flags)
-}
-
-/// The fixed part of an option reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OptionReplyHeader {
-    /// Reply type (`NBD_REP_*`).
-    pub reply: u32,
-    /// Payload length, at most [`MAX_OPTION_PAYLOAD`].
-    pub len: u32,
-}
-
-/// Parses a 20-byte option reply header answering `option`.
-pub fn parse_option_reply_header(b: &[u8], option: u32) -> Result<OptionReplyHeader, WireError> {
-    need("option reply header", b, OPTION_REPLY_HEADER_LEN)?;
-    let magic = be64(b, 0);
-    if magic != OPTION_REPLY_MAGIC {
-        return Err(WireError::BadMagic {
-            what: "option reply",
-            got: magic,
-        });
-    }
-    let got = be32(b, 8);
-    if got != option {
-        return Err(WireError::WrongOption {
-            expected: option,
-            got,
-        });
-    }
-    let len = be32(b, 16);
-    if len > MAX_OPTION_PAYLOAD {
-        return Err(WireError::TooLong {
-            what: "option reply",
-            len: len.into(),
-            max: MAX_OPTION_PAYLOAD.into(),
-        });
-    }
-    Ok(OptionReplyHeader {
-        reply: be32(b, 12),
-        len,
-    })
-}
-
-/// The name of an `NBD_REP_ERR_*` reply type.
-pub fn option_error_name(reply: u32) -> &'static str {
-    match reply ^ REP_ERR_BIT {
-        1 => "NBD_REP_ERR_UNSUP",
-        2 => "NBD_REP_ERR_POLICY",
-        3 => "NBD_REP_ERR_INVALID",
-        4 => "NBD_REP_ERR_PLATFORM",
-        5 => "NBD_REP_ERR_TLS_REQD",
-        6 => "NBD_REP_ERR_UNKNOWN",
-        7 => "NBD_REP_ERR_SHUTDOWN",
-        8 => "NBD_REP_ERR_BLOCK_SIZE_REQD",
-        9 => "NBD_REP_ERR_TOO_BIG",
-        10 => "NBD_REP_ERR_EXT_HEADER_REQD",
-        _ => "unknown NBD_REP_ERR",
-    }
-}
-
-/// A parsed `NBD_REP_INFO` payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Info {
-    /// `NBD_INFO_EXPORT`.
-    Export {
-        /// Export size in bytes.
-        size: u64,
-        /// Transmission flags.
-        flags: u16,
-    },
-    /// `NBD_INFO_BLOCK_SIZE`, validated.
-    BlockSize {
-        /// Minimum block size (alignment of requests).
-        min: u32,
-        /// Preferred block size.
-        preferred: u32,
-        /// Largest read payload.
-        max: u32,
-    },
-    /// An information type this client ignores.
-    Other(u16),
-}
-
-/// Parses an `NBD_REP_INFO` payload.
-pub fn parse_info(b: &[u8]) -> Result<Info, WireError> {
-    need("NBD_REP_INFO", b, 2)?;
-    match be16(b, 0) {
-        INFO_EXPORT => {
-            if b.len() != 12 {
-                return Err(WireError::BadLength {
-                    what: "NBD_INFO_EXPORT",
-                    len: b.len() as u64,
-                    expected: "12",
-                });
-            }
-            Ok(Info::Export {
-                size: be64(b, 2),
-                flags: be16(b, 10),
-            })
-        }
-        INFO_BLOCK_SIZE => {
-            if b.len() != 14 {
-                return Err(WireError::BadLength {
-                    what: "NBD_INFO_BLOCK_SIZE",
-                    len: b.len() as u64,
-                    expected: "14",
-                });
-            }
-            let (min, preferred, max) = (be32(b, 2), be32(b, 6), be32(b, 10));
-            // The spec: minimum a power of two up to 64 KiB, preferred a
-            // power of two at least the minimum, maximum at least the
-            // preferred size (or the minimum) and a multiple of the minimum.
-            let valid = min.is_power_of_two()
-                && min <= 64 * 1024
-                && preferred.is_power_of_two()
-                && preferred >= min
-                && max >= min
-                && max & (min - 1) == 0;
-            if !valid {
-                return Err(WireError::BadBlockSizes {
-                    min,
-                    preferred,
-                    max,
-                });
-            }
-            Ok(Info::BlockSize {
-                min,
-                preferred,
-                max,
-            })
-        }
-        other => Ok(Info::Other(other)),
-    }
-}
-
-/// Parses an `NBD_REP_META_CONTEXT` payload: context id and name.
-pub fn parse_meta_context(b: &[u8]) -> Result<(u32, String), WireError> {
-    need("NBD_REP_META_CONTEXT", b, 5)?;
-    Ok((be32(b, 0), message_text(&b[4..])))
-}
-
-/// Parses the reply to `NBD_OPT_EXPORT_NAME` (without padding): size, flags.
-pub fn parse_export_name_reply(b: &[u8]) -> Result<(u64, u16), WireError> {
-    need("NBD_OPT_EXPORT_NAME reply", b, 10)?;
-    Ok((be64(b, 0), be16(b, 8)))
-}
 
 /// The header of a transmission reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -607,6 +221,12 @@ pub enum Command {
     },
     /// `NBD_CMD_BLOCK_STATUS`.
     BlockStatus,
+    /// `NBD_CMD_WRITE`: the reply carries no data.
+    Write,
+    /// `NBD_CMD_WRITE_ZEROES`: the reply carries no data.
+    WriteZeroes,
+    /// `NBD_CMD_FLUSH`: the reply carries no data, and the request no range.
+    Flush,
 }
 
 impl Command {
@@ -615,7 +235,54 @@ impl Command {
         match self {
             Command::Read { .. } => "NBD_CMD_READ",
             Command::BlockStatus => "NBD_CMD_BLOCK_STATUS",
+            Command::Write => "NBD_CMD_WRITE",
+            Command::WriteZeroes => "NBD_CMD_WRITE_ZEROES",
+            Command::Flush => "NBD_CMD_FLUSH",
         }
+    }
+
+    /// The command's type field.
+    pub fn kind(&self) -> u16 {
+        match self {
+            Command::Read { .. } => CMD_READ,
+            Command::BlockStatus => CMD_BLOCK_STATUS,
+            Command::Write => CMD_WRITE,
+            Command::WriteZeroes => CMD_WRITE_ZEROES,
+            Command::Flush => CMD_FLUSH,
+        }
+    }
+}
+
+/// Encodes a request header. Command flags are always 0 (see the module
+/// documentation); for `NBD_CMD_WRITE` the caller sends `len` bytes of data
+/// right after it.
+pub fn encode_request(kind: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQUEST_LEN] {
+    let mut msg = [0u8; REQUEST_LEN];
+    msg[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    // msg[4..6]: command flags, 0.
+    msg[6..8].copy_from_slice(&kind.to_be_bytes());
+    msg[8..16].copy_from_slice(&cookie.to_be_bytes());
+    msg[16..24].copy_from_slice(&offset.to_be_bytes());
+    msg[24..28].copy_from_slice(&len.to_be_bytes());
+    msg
+}
+
+/// The offset an error chunk names, checked against the request `[offset,
+/// offset + len)` it answers. A flush has no range: its offset is dropped.
+pub fn error_offset_in_request(
+    command: Command,
+    at: Option<u64>,
+    offset: u64,
+    len: u64,
+) -> Result<Option<u64>, WireError> {
+    match (command, at) {
+        (Command::Flush, _) | (_, None) => Ok(None),
+        (_, Some(at)) if at >= offset && at - offset < len => Ok(Some(at)),
+        (_, Some(at)) => Err(WireError::ErrorOffsetOutside {
+            offset: at,
+            req_start: offset,
+            req_end: offset.saturating_add(len),
+        }),
     }
 }
 
