@@ -34,6 +34,13 @@ pub mod kind {
     pub const ERROR: u8 = 0x20;
     pub const HEARTBEAT: u8 = 0x21;
     pub const HEARTBEAT_ACK: u8 = 0x22;
+    pub const START_FAILBACK: u8 = 0x30;
+    pub const FAILBACK_READY: u8 = 0x31;
+    pub const TARGET_CHUNK: u8 = 0x32;
+    pub const TARGET_END: u8 = 0x33;
+    pub const FAILBACK_SENT: u8 = 0x34;
+    pub const FAILBACK_PROGRESS: u8 = 0x35;
+    pub const FAILBACK_DONE: u8 = 0x36;
 }
 
 /// Agent → controller, first message: who is calling and which versions it
@@ -71,12 +78,24 @@ pub struct DiskInfo {
     pub block_size: u32,
 }
 
-/// Agent → controller: the disks it protects (after `Welcome`, and again
-/// whenever they change).
+/// One failback target the agent may write: a disk of a newly created
+/// source machine, declared in the agent's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetInfo {
+    /// Stable target id from the agent's configuration.
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Agent → controller: the disks it protects and the failback targets it
+/// offers (after `Welcome`, and again whenever they change).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inventory {
     /// The disks, at most `MAX_DISKS`.
     pub disks: Vec<DiskInfo>,
+    /// The failback targets, at most `MAX_DISKS`.
+    pub targets: Vec<TargetInfo>,
 }
 
 /// The point a new point builds on, as the controller stores it.
@@ -187,6 +206,117 @@ pub struct Committed {
     pub root: Digest,
 }
 
+/// One target of a failback pass: write point `point` (geometry and root
+/// given) into the agent's target `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailbackTarget {
+    /// Target id from the agent's configuration.
+    pub target: String,
+    /// Where the point comes from (`agent/disk`), for logs and refusals.
+    pub source: String,
+    /// Point id.
+    pub point: u64,
+    /// Disk size of the point.
+    pub disk_size: u64,
+    /// Block size of the point.
+    pub block_size: u32,
+    /// Index root of the point: what the target's digests must hash to once
+    /// the pass is done.
+    pub root: Digest,
+    /// Write even if the target looks mounted or in use.
+    pub force: bool,
+    /// Describe the target by reading it, even when the agent's map of the
+    /// previous pass could vouch for it.
+    pub rescan: bool,
+}
+
+/// Controller → agent: run one failback pass into these targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartFailback {
+    /// Session id, unique per controller.
+    pub session: u64,
+    /// Pass number within the failback job (1 for the first), for logs.
+    pub pass: u32,
+    /// The targets; their position in this list is their *slot*.
+    pub targets: Vec<FailbackTarget>,
+}
+
+/// How the agent learnt what a target holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetDescription {
+    /// It read and hashed the target.
+    Scanned,
+    /// Its map of the previous pass vouched for the target.
+    Map,
+}
+
+impl TargetDescription {
+    /// Wire value.
+    pub fn code(self) -> u8 {
+        match self {
+            TargetDescription::Scanned => 0,
+            TargetDescription::Map => 1,
+        }
+    }
+
+    /// The description for wire value `v`.
+    pub fn from_code(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(TargetDescription::Scanned),
+            1 => Some(TargetDescription::Map),
+            _ => None,
+        }
+    }
+}
+
+/// The agent's answer for one target of a failback pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadyTarget {
+    /// Size of the target in bytes (at least the point's disk size).
+    pub target_size: u64,
+    /// How the digests that follow were obtained.
+    pub described_by: TargetDescription,
+}
+
+/// Agent → controller: the pass is accepted (every target passed its
+/// guards); the target digests follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailbackReady {
+    /// Session id.
+    pub session: u64,
+    /// One entry per slot of `StartFailback`.
+    pub targets: Vec<ReadyTarget>,
+}
+
+/// Agent → controller: how far a slot's writing has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailbackProgress {
+    /// Slot.
+    pub slot: u16,
+    /// Blocks written so far in this pass.
+    pub written_blocks: u64,
+    /// Blocks written, flushed, re-read and found to match their digest.
+    pub verified_blocks: u64,
+    /// Bytes written so far in this pass.
+    pub written_bytes: u64,
+}
+
+/// Agent → controller: a slot is done; every block the controller sent was
+/// written, flushed, re-read and verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailbackDone {
+    /// Slot.
+    pub slot: u16,
+    /// Blocks written in this pass.
+    pub written_blocks: u64,
+    /// Blocks verified in this pass.
+    pub verified_blocks: u64,
+    /// Index root over what the target now holds (its first
+    /// `block_count` blocks); equal to the point's root when the target
+    /// matches the point.
+    pub root: Digest,
+}
+
 /// Error codes carried by [`ErrorMsg`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -214,6 +344,13 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Anything else.
     Internal,
+    /// A failback target failed a guard (too small, mounted, in use,
+    /// unknown); nothing was written.
+    TargetRefused,
+    /// Writing or flushing a failback target failed.
+    TargetUnwritable,
+    /// A block re-read from a failback target does not match its digest.
+    VerifyFailed,
     /// A code this version does not know.
     Unknown(u16),
 }
@@ -234,6 +371,9 @@ impl ErrorCode {
             ErrorCode::SessionAborted => 10,
             ErrorCode::ShuttingDown => 11,
             ErrorCode::Internal => 12,
+            ErrorCode::TargetRefused => 13,
+            ErrorCode::TargetUnwritable => 14,
+            ErrorCode::VerifyFailed => 15,
             ErrorCode::Unknown(c) => c,
         }
     }
@@ -253,6 +393,9 @@ impl ErrorCode {
             10 => ErrorCode::SessionAborted,
             11 => ErrorCode::ShuttingDown,
             12 => ErrorCode::Internal,
+            13 => ErrorCode::TargetRefused,
+            14 => ErrorCode::TargetUnwritable,
+            15 => ErrorCode::VerifyFailed,
             c => ErrorCode::Unknown(c),
         }
     }
@@ -313,6 +456,22 @@ pub enum Message {
     HeartbeatAck {
         seq: u64,
     },
+    StartFailback(StartFailback),
+    FailbackReady(FailbackReady),
+    /// Agent → controller: a run of a failback target's digests.
+    TargetChunk(IndexChunk),
+    /// Agent → controller: a target's digests are complete.
+    TargetEnd {
+        slot: u16,
+    },
+    /// Controller → agent: every block of the slot that differs has been
+    /// sent (`sent_blocks` of them).
+    FailbackSent {
+        slot: u16,
+        sent_blocks: u64,
+    },
+    FailbackProgress(FailbackProgress),
+    FailbackDone(FailbackDone),
 }
 
 /// Why a frame did not decode into a message.
@@ -352,6 +511,13 @@ impl Message {
             Message::Error(_) => "Error",
             Message::Heartbeat { .. } => "Heartbeat",
             Message::HeartbeatAck { .. } => "HeartbeatAck",
+            Message::StartFailback(_) => "StartFailback",
+            Message::FailbackReady(_) => "FailbackReady",
+            Message::TargetChunk(_) => "TargetChunk",
+            Message::TargetEnd { .. } => "TargetEnd",
+            Message::FailbackSent { .. } => "FailbackSent",
+            Message::FailbackProgress(_) => "FailbackProgress",
+            Message::FailbackDone(_) => "FailbackDone",
         }
     }
 
@@ -388,6 +554,13 @@ impl Message {
             Message::Error(_) => kind::ERROR,
             Message::Heartbeat { .. } => kind::HEARTBEAT,
             Message::HeartbeatAck { .. } => kind::HEARTBEAT_ACK,
+            Message::StartFailback(_) => kind::START_FAILBACK,
+            Message::FailbackReady(_) => kind::FAILBACK_READY,
+            Message::TargetChunk(_) => kind::TARGET_CHUNK,
+            Message::TargetEnd { .. } => kind::TARGET_END,
+            Message::FailbackSent { .. } => kind::FAILBACK_SENT,
+            Message::FailbackProgress(_) => kind::FAILBACK_PROGRESS,
+            Message::FailbackDone(_) => kind::FAILBACK_DONE,
         }
     }
 
@@ -410,6 +583,11 @@ impl Message {
                     w.str(&d.id);
                     w.u64(d.size);
                     w.u32(d.block_size);
+                }
+                w.u32(inv.targets.len() as u32);
+                for t in &inv.targets {
+                    w.str(&t.id);
+                    w.u64(t.size);
                 }
             }
             Message::StartSync(s) => {
@@ -480,6 +658,53 @@ impl Message {
                 w.str(&e.message);
             }
             Message::Heartbeat { seq } | Message::HeartbeatAck { seq } => w.u64(*seq),
+            Message::StartFailback(s) => {
+                w.u64(s.session);
+                w.u32(s.pass);
+                w.u32(s.targets.len() as u32);
+                for t in &s.targets {
+                    w.str(&t.target);
+                    w.str(&t.source);
+                    w.u64(t.point);
+                    w.u64(t.disk_size);
+                    w.u32(t.block_size);
+                    w.digest(&t.root);
+                    w.u8(u8::from(t.force) | (u8::from(t.rescan) << 1));
+                }
+            }
+            Message::FailbackReady(r) => {
+                w.u64(r.session);
+                w.u32(r.targets.len() as u32);
+                for t in &r.targets {
+                    w.u64(t.target_size);
+                    w.u8(t.described_by.code());
+                }
+            }
+            Message::TargetChunk(c) => {
+                w.u16(c.slot);
+                w.u64(c.first_block);
+                w.u32(c.digests.len() as u32);
+                for d in &c.digests {
+                    w.digest(d);
+                }
+            }
+            Message::TargetEnd { slot } => w.u16(*slot),
+            Message::FailbackSent { slot, sent_blocks } => {
+                w.u16(*slot);
+                w.u64(*sent_blocks);
+            }
+            Message::FailbackProgress(p) => {
+                w.u16(p.slot);
+                w.u64(p.written_blocks);
+                w.u64(p.verified_blocks);
+                w.u64(p.written_bytes);
+            }
+            Message::FailbackDone(d) => {
+                w.u16(d.slot);
+                w.u64(d.written_blocks);
+                w.u64(d.verified_blocks);
+                w.digest(&d.root);
+            }
         }
     }
 
@@ -513,6 +738,13 @@ fn kind_name(k: u8) -> Option<&'static str> {
         kind::ERROR => "Error",
         kind::HEARTBEAT => "Heartbeat",
         kind::HEARTBEAT_ACK => "HeartbeatAck",
+        kind::START_FAILBACK => "StartFailback",
+        kind::FAILBACK_READY => "FailbackReady",
+        kind::TARGET_CHUNK => "TargetChunk",
+        kind::TARGET_END => "TargetEnd",
+        kind::FAILBACK_SENT => "FailbackSent",
+        kind::FAILBACK_PROGRESS => "FailbackProgress",
+        kind::FAILBACK_DONE => "FailbackDone",
         _ => return None,
     })
 }
@@ -572,7 +804,16 @@ fn decode_body(k: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
                     block_size: block_size(r, "block size")?,
                 });
             }
-            Message::Inventory(Inventory { disks })
+            // id (3) + size (8)
+            let n = r.count("target count", MAX_DISKS, 11)?;
+            let mut targets = Vec::with_capacity(n);
+            for _ in 0..n {
+                targets.push(TargetInfo {
+                    id: r.id("target id")?,
+                    size: disk_size(r, "target size")?,
+                });
+            }
+            Message::Inventory(Inventory { disks, targets })
         }
         kind::START_SYNC => {
             let session = r.u64("session")?;
@@ -620,20 +861,8 @@ fn decode_body(k: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
             }
             Message::SyncReady(SyncReady { session, disks })
         }
-        kind::INDEX_CHUNK => {
-            let slot = r.u16("slot")?;
-            let first_block = r.u64("first_block")?;
-            let n = r.count("digest count", MAX_INDEX_CHUNK, 32)?;
-            let mut digests = Vec::with_capacity(n);
-            for _ in 0..n {
-                digests.push(r.digest("digest")?);
-            }
-            Message::IndexChunk(IndexChunk {
-                slot,
-                first_block,
-                digests,
-            })
-        }
+        kind::INDEX_CHUNK => Message::IndexChunk(index_chunk(r)?),
+        kind::TARGET_CHUNK => Message::TargetChunk(index_chunk(r)?),
         kind::INDEX_END => Message::IndexEnd {
             slot: r.u16("slot")?,
         },
@@ -704,12 +933,104 @@ fn decode_body(k: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
         }),
         kind::HEARTBEAT => Message::Heartbeat { seq: r.u64("seq")? },
         kind::HEARTBEAT_ACK => Message::HeartbeatAck { seq: r.u64("seq")? },
+        kind::START_FAILBACK => {
+            let session = r.u64("session")?;
+            let pass = r.u32("pass")?;
+            // target (3) + source (3) + point (8) + size (8) + block size (4)
+            // + root (32) + flags (1)
+            let n = r.count("target count", MAX_DISKS, 59)?;
+            let mut targets = Vec::with_capacity(n);
+            for _ in 0..n {
+                let target = r.id("target id")?;
+                let source = r.str("source", MAX_TEXT_LEN)?;
+                let point = r.u64("point")?;
+                let disk_size = disk_size(r, "disk size")?;
+                let block_size = block_size(r, "block size")?;
+                let root = r.digest("root")?;
+                let flags = r.u8("flags")?;
+                if flags & !0b11 != 0 {
+                    return Err(DecodeError::BadValue {
+                        field: "flags",
+                        value: u64::from(flags),
+                    });
+                }
+                targets.push(FailbackTarget {
+                    target,
+                    source,
+                    point,
+                    disk_size,
+                    block_size,
+                    root,
+                    force: flags & 1 != 0,
+                    rescan: flags & 2 != 0,
+                });
+            }
+            Message::StartFailback(StartFailback {
+                session,
+                pass,
+                targets,
+            })
+        }
+        kind::FAILBACK_READY => {
+            let session = r.u64("session")?;
+            let n = r.count("target count", MAX_DISKS, 9)?;
+            let mut targets = Vec::with_capacity(n);
+            for _ in 0..n {
+                let target_size = disk_size(r, "target size")?;
+                let code = r.u8("described_by")?;
+                let described_by =
+                    TargetDescription::from_code(code).ok_or(DecodeError::BadValue {
+                        field: "described_by",
+                        value: u64::from(code),
+                    })?;
+                targets.push(ReadyTarget {
+                    target_size,
+                    described_by,
+                });
+            }
+            Message::FailbackReady(FailbackReady { session, targets })
+        }
+        kind::TARGET_END => Message::TargetEnd {
+            slot: r.u16("slot")?,
+        },
+        kind::FAILBACK_SENT => Message::FailbackSent {
+            slot: r.u16("slot")?,
+            sent_blocks: r.u64("sent_blocks")?,
+        },
+        kind::FAILBACK_PROGRESS => Message::FailbackProgress(FailbackProgress {
+            slot: r.u16("slot")?,
+            written_blocks: r.u64("written_blocks")?,
+            verified_blocks: r.u64("verified_blocks")?,
+            written_bytes: r.u64("written_bytes")?,
+        }),
+        kind::FAILBACK_DONE => Message::FailbackDone(FailbackDone {
+            slot: r.u16("slot")?,
+            written_blocks: r.u64("written_blocks")?,
+            verified_blocks: r.u64("verified_blocks")?,
+            root: r.digest("root")?,
+        }),
         other => {
             return Err(DecodeError::BadValue {
                 field: "kind",
                 value: u64::from(other),
             })
         }
+    })
+}
+
+/// A run of digests (base index or failback target).
+fn index_chunk(r: &mut Reader<'_>) -> Result<IndexChunk, DecodeError> {
+    let slot = r.u16("slot")?;
+    let first_block = r.u64("first_block")?;
+    let n = r.count("digest count", MAX_INDEX_CHUNK, 32)?;
+    let mut digests = Vec::with_capacity(n);
+    for _ in 0..n {
+        digests.push(r.digest("digest")?);
+    }
+    Ok(IndexChunk {
+        slot,
+        first_block,
+        digests,
     })
 }
 

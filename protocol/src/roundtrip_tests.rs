@@ -32,16 +32,111 @@ fn message() -> impl Strategy<Value = Message> {
             controller: c,
             agent_id: a
         })),
-        prop::collection::vec((id(), 0u64..1 << 50, block_size()), 0..8).prop_map(|d| {
-            Message::Inventory(Inventory {
-                disks: d
+        (
+            prop::collection::vec((id(), 0u64..1 << 50, block_size()), 0..8),
+            prop::collection::vec((id(), 0u64..1 << 50), 0..4)
+        )
+            .prop_map(|(d, t)| {
+                Message::Inventory(Inventory {
+                    disks: d
+                        .into_iter()
+                        .map(|(id, size, block_size)| DiskInfo {
+                            id,
+                            size,
+                            block_size,
+                        })
+                        .collect(),
+                    targets: t
+                        .into_iter()
+                        .map(|(id, size)| TargetInfo { id, size })
+                        .collect(),
+                })
+            }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            prop::collection::vec(
+                (
+                    id(),
+                    text(),
+                    any::<u64>(),
+                    0u64..1 << 50,
+                    block_size(),
+                    digest(),
+                    any::<bool>(),
+                    any::<bool>()
+                ),
+                0..4
+            )
+        )
+            .prop_map(|(session, pass, t)| Message::StartFailback(StartFailback {
+                session,
+                pass,
+                targets: t
                     .into_iter()
-                    .map(|(id, size, block_size)| DiskInfo {
-                        id,
-                        size,
-                        block_size,
+                    .map(
+                        |(target, source, point, disk_size, block_size, root, force, rescan)| {
+                            FailbackTarget {
+                                target,
+                                source,
+                                point,
+                                disk_size,
+                                block_size,
+                                root,
+                                force,
+                                rescan,
+                            }
+                        }
+                    )
+                    .collect()
+            })),
+        (
+            any::<u64>(),
+            prop::collection::vec((0u64..1 << 50, any::<bool>()), 0..6)
+        )
+            .prop_map(|(session, t)| Message::FailbackReady(FailbackReady {
+                session,
+                targets: t
+                    .into_iter()
+                    .map(|(target_size, map)| ReadyTarget {
+                        target_size,
+                        described_by: if map {
+                            TargetDescription::Map
+                        } else {
+                            TargetDescription::Scanned
+                        },
                     })
-                    .collect(),
+                    .collect()
+            })),
+        (
+            any::<u16>(),
+            any::<u64>(),
+            prop::collection::vec(digest(), 0..50)
+        )
+            .prop_map(
+                |(slot, first_block, digests)| Message::TargetChunk(IndexChunk {
+                    slot,
+                    first_block,
+                    digests
+                })
+            ),
+        any::<u16>().prop_map(|slot| Message::TargetEnd { slot }),
+        (any::<u16>(), any::<u64>())
+            .prop_map(|(slot, sent_blocks)| Message::FailbackSent { slot, sent_blocks }),
+        (any::<u16>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(slot, a, b, c)| {
+            Message::FailbackProgress(FailbackProgress {
+                slot,
+                written_blocks: a,
+                verified_blocks: b,
+                written_bytes: c,
+            })
+        }),
+        (any::<u16>(), any::<u64>(), any::<u64>(), digest()).prop_map(|(slot, a, b, root)| {
+            Message::FailbackDone(FailbackDone {
+                slot,
+                written_blocks: a,
+                verified_blocks: b,
+                root,
             })
         }),
         (
@@ -140,7 +235,7 @@ fn message() -> impl Strategy<Value = Message> {
             Message::Committed(Committed { slot, point, root })
         }),
         any::<u64>().prop_map(|session| Message::SessionEnd { session }),
-        (1u16..13, any::<u64>(), any::<bool>(), text()).prop_map(|(c, session, fatal, m)| {
+        (1u16..16, any::<u64>(), any::<bool>(), text()).prop_map(|(c, session, fatal, m)| {
             Message::Error(ErrorMsg {
                 code: ErrorCode::from_code(c),
                 session,

@@ -22,8 +22,10 @@ use tideline_protocol::encoding::Encoding;
 use tideline_protocol::frame::{begin_frame, finish_frame};
 use tideline_protocol::limits::MAX_BODY_LEN;
 use tideline_protocol::message::{
-    kind, BaseRef, Block, Committed, DiskEnd, DiskInfo, ErrorCode, ErrorMsg, Hello, IndexChunk,
-    Inventory, Message, ReadyDisk, StartSync, SyncDisk, SyncReady, Welcome,
+    kind, BaseRef, Block, Committed, DiskEnd, DiskInfo, ErrorCode, ErrorMsg, FailbackDone,
+    FailbackProgress, FailbackReady, FailbackTarget, Hello, IndexChunk, Inventory, Message,
+    ReadyDisk, ReadyTarget, StartFailback, StartSync, SyncDisk, SyncReady, TargetDescription,
+    TargetInfo, Welcome,
 };
 
 fn corpus_dir() -> PathBuf {
@@ -69,6 +71,71 @@ fn one_of_each() -> Vec<(&'static str, Message)> {
                         block_size: 4096,
                     },
                 ],
+                targets: vec![TargetInfo {
+                    id: "new-web-01-disk0".into(),
+                    size: 10 * 1024 * 1024 * 1024,
+                }],
+            }),
+        ),
+        (
+            "start_failback",
+            Message::StartFailback(StartFailback {
+                session: 43,
+                pass: 2,
+                targets: vec![FailbackTarget {
+                    target: "new-web-01-disk0".into(),
+                    source: "cloud-web-01/root".into(),
+                    point: 9,
+                    disk_size: 10 * 1024 * 1024 * 1024,
+                    block_size: 64 * 1024,
+                    root: d("root@9"),
+                    force: false,
+                    rescan: true,
+                }],
+            }),
+        ),
+        (
+            "failback_ready",
+            Message::FailbackReady(FailbackReady {
+                session: 43,
+                targets: vec![ReadyTarget {
+                    target_size: 10 * 1024 * 1024 * 1024,
+                    described_by: TargetDescription::Map,
+                }],
+            }),
+        ),
+        (
+            "target_chunk",
+            Message::TargetChunk(IndexChunk {
+                slot: 0,
+                first_block: 0,
+                digests: vec![d("t0"), zero_4k],
+            }),
+        ),
+        ("target_end", Message::TargetEnd { slot: 0 }),
+        (
+            "failback_sent",
+            Message::FailbackSent {
+                slot: 0,
+                sent_blocks: 17,
+            },
+        ),
+        (
+            "failback_progress",
+            Message::FailbackProgress(FailbackProgress {
+                slot: 0,
+                written_blocks: 10,
+                verified_blocks: 8,
+                written_bytes: 655360,
+            }),
+        ),
+        (
+            "failback_done",
+            Message::FailbackDone(FailbackDone {
+                slot: 0,
+                written_blocks: 17,
+                verified_blocks: 17,
+                root: d("root@9"),
             }),
         ),
         (

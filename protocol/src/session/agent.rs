@@ -7,17 +7,21 @@
 //!   indexing  --IndexEnd for each-->  streaming
 //!   streaming --send_disk_end, all--> draining (waiting for Committed)
 //!   any       --SessionEnd-->         idle
+//!   idle      --StartFailback-->      a failback pass (see `agent_failback.rs`)
 //! ```
 
 use crate::digest::Digest;
 use crate::encoding::Encoding;
 use crate::frame::{begin_frame, finish_frame};
 use crate::message::{
-    kind, Committed, DiskEnd, ErrorMsg, Hello, IndexChunk, Inventory, Message, StartSync,
-    SyncReady, PROTOCOL_VERSION,
+    kind, Block, Committed, DiskEnd, ErrorMsg, Hello, IndexChunk, Inventory, Message,
+    StartFailback, StartSync, SyncReady, PROTOCOL_VERSION,
 };
 use crate::session::ProtocolError;
 use crate::wire::Writer;
+
+#[path = "agent_failback.rs"]
+mod failback;
 
 /// The agent before the controller has answered its `Hello`.
 pub struct AgentHandshake {
@@ -45,6 +49,7 @@ impl AgentHandshake {
                 agent_id: w.agent_id,
                 controller: w.controller,
                 session: None,
+                failback: None,
                 out: Vec::new(),
             }),
             Message::Welcome(w) => Err(ProtocolError::NoCommonVersion {
@@ -93,6 +98,19 @@ pub enum AgentEvent {
     },
     /// The controller reports a problem.
     PeerError(ErrorMsg),
+    /// The controller asks for a failback pass; check the targets, then
+    /// [`AgentLink::send_failback_ready`] and describe them.
+    FailbackRequested(StartFailback),
+    /// A block to write into a failback target (order, range and length
+    /// already checked; the payload is not yet verified).
+    FailbackBlock(Block),
+    /// Every differing block of a failback slot has been sent.
+    FailbackSent {
+        /// Slot.
+        slot: u16,
+        /// Blocks the controller sent for the slot.
+        sent_blocks: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +148,7 @@ pub struct AgentLink {
     agent_id: String,
     controller: String,
     session: Option<SyncState>,
+    failback: Option<failback::AgentPass>,
     out: Vec<u8>,
 }
 
@@ -148,7 +167,17 @@ impl AgentLink {
     }
     /// Id of the session in progress, if any.
     pub fn session(&self) -> Option<u64> {
-        self.session.as_ref().map(|s| s.session)
+        self.session
+            .as_ref()
+            .map(|s| s.session)
+            .or(self.failback.as_ref().map(|p| p.session))
+    }
+
+    /// Ends whatever session runs; true if one did.
+    fn drop_session(&mut self) -> bool {
+        let sync = self.session.take().is_some();
+        let failback = self.failback.take().is_some();
+        sync || failback
     }
 
     /// Bytes queued for the controller.
@@ -164,7 +193,7 @@ impl AgentLink {
     /// Takes one message from the controller.
     pub fn handle(&mut self, msg: Message) -> Result<Option<AgentEvent>, ProtocolError> {
         if self.draining
-            && self.session.is_none()
+            && self.session().is_none()
             && matches!(
                 msg,
                 Message::IndexChunk(_)
@@ -172,6 +201,8 @@ impl AgentLink {
                     | Message::Ack { .. }
                     | Message::Committed(_)
                     | Message::SessionEnd { .. }
+                    | Message::Block(_)
+                    | Message::FailbackSent { .. }
             )
         {
             return Ok(None);
@@ -184,12 +215,44 @@ impl AgentLink {
             Message::HeartbeatAck { .. } => Ok(None),
             Message::Error(e) => {
                 if e.fatal || self.session() == Some(e.session) {
-                    self.draining |= self.session.take().is_some();
+                    self.draining |= self.drop_session();
                 }
                 Ok(Some(AgentEvent::PeerError(e)))
             }
+            Message::StartFailback(req) => {
+                if self.session().is_some() {
+                    return Err(ProtocolError::Unexpected {
+                        got: "StartFailback",
+                        state: "a session is already running",
+                    });
+                }
+                if req.targets.is_empty() {
+                    return Err(ProtocolError::Inconsistent(
+                        "StartFailback names no target".into(),
+                    ));
+                }
+                self.draining = false;
+                self.failback = Some(failback::AgentPass::new(&req));
+                Ok(Some(AgentEvent::FailbackRequested(req)))
+            }
+            Message::Block(b) => {
+                let pass = self.failback.as_mut().ok_or(ProtocolError::Unexpected {
+                    got: "Block",
+                    state: "no failback pass (blocks flow to the controller in a sync)",
+                })?;
+                pass.on_block(&b)?;
+                Ok(Some(AgentEvent::FailbackBlock(b)))
+            }
+            Message::FailbackSent { slot, sent_blocks } => {
+                let pass = self.failback.as_mut().ok_or(ProtocolError::Unexpected {
+                    got: "FailbackSent",
+                    state: "no failback pass",
+                })?;
+                pass.on_sent(slot)?;
+                Ok(Some(AgentEvent::FailbackSent { slot, sent_blocks }))
+            }
             Message::StartSync(s) => {
-                if self.session.is_some() {
+                if self.session().is_some() {
                     return Err(ProtocolError::Unexpected {
                         got: "StartSync",
                         state: "a session is already running",
@@ -253,9 +316,9 @@ impl AgentLink {
                 st.committed = true;
                 Ok(Some(AgentEvent::Committed(c)))
             }
-            Message::SessionEnd { session } => match &self.session {
-                Some(s) if s.session == session => {
-                    self.session = None;
+            Message::SessionEnd { session } => match self.session() {
+                Some(s) if s == session => {
+                    self.drop_session();
                     Ok(Some(AgentEvent::SessionEnded { session }))
                 }
                 _ => Err(ProtocolError::Unexpected {
@@ -444,7 +507,7 @@ impl AgentLink {
     /// running session, also ends the session.
     pub fn send_error(&mut self, e: ErrorMsg) {
         if e.fatal || self.session() == Some(e.session) {
-            self.draining |= self.session.take().is_some();
+            self.draining |= self.drop_session();
         }
         Message::Error(e).encode(&mut self.out);
     }

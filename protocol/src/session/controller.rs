@@ -7,6 +7,7 @@
 //!   indexing   --send_index_end all--> streaming (Blocks, Checkpoints, DiskEnds)
 //!   streaming  --DiskEnd per slot-->  the controller commits and answers Committed
 //!   any        --end_session-->       idle
+//!   idle       --start_failback-->    a failback pass (see `controller_failback.rs`)
 //! ```
 //!
 //! The link enforces that blocks of a slot arrive in ascending order, from
@@ -15,10 +16,13 @@
 
 use crate::digest::Geometry;
 use crate::message::{
-    Block, Committed, DiskEnd, ErrorCode, ErrorMsg, Hello, IndexChunk, Inventory, Message,
-    StartSync, SyncReady, Welcome, PROTOCOL_VERSION,
+    Block, Committed, DiskEnd, ErrorCode, ErrorMsg, FailbackDone, FailbackProgress, FailbackReady,
+    Hello, IndexChunk, Inventory, Message, StartSync, SyncReady, Welcome, PROTOCOL_VERSION,
 };
 use crate::session::ProtocolError;
+
+#[path = "controller_failback.rs"]
+mod failback;
 
 /// The controller before the agent's `Hello`.
 pub struct ControllerHandshake {
@@ -68,6 +72,7 @@ impl ControllerHandshake {
             draining: false,
             inventory: None,
             session: None,
+            failback: None,
             out: Vec::new(),
         };
         Message::Welcome(Welcome {
@@ -102,6 +107,20 @@ pub enum ControllerEvent {
     DiskEnd(DiskEnd),
     /// The agent reports a problem.
     PeerError(ErrorMsg),
+    /// The agent accepted a failback pass; its targets' digests follow.
+    FailbackReady(FailbackReady),
+    /// A run of a failback target's digests (order checked).
+    TargetChunk(IndexChunk),
+    /// A failback target is fully described.
+    TargetEnd {
+        /// Slot.
+        slot: u16,
+    },
+    /// How far the agent's writing has come.
+    FailbackProgress(FailbackProgress),
+    /// A failback slot is written and verified; compare its root with the
+    /// point's.
+    FailbackDone(FailbackDone),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +155,7 @@ pub struct ControllerLink {
     draining: bool,
     inventory: Option<Inventory>,
     session: Option<SyncState>,
+    failback: Option<failback::ControllerPass>,
     out: Vec<u8>,
 }
 
@@ -150,7 +170,18 @@ impl ControllerLink {
     }
     /// Session in progress.
     pub fn session(&self) -> Option<u64> {
-        self.session.as_ref().map(|s| s.session)
+        self.session
+            .as_ref()
+            .map(|s| s.session)
+            .or(self.failback.as_ref().map(|p| p.session))
+    }
+
+    /// Ends whatever session runs; its id if one did.
+    fn drop_session(&mut self) -> Option<u64> {
+        let id = self.session();
+        self.session = None;
+        self.failback = None;
+        id
     }
     /// Geometry the agent reported for a slot of the running session.
     pub fn slot_geometry(&self, slot: u16) -> Option<Geometry> {
@@ -170,7 +201,7 @@ impl ControllerLink {
 
     /// Starts a sync session. The disks must be in the agent's inventory.
     pub fn start_sync(&mut self, req: StartSync) -> Result<(), ProtocolError> {
-        if self.session.is_some() {
+        if self.session().is_some() {
             return Err(ProtocolError::Unexpected {
                 got: "StartSync",
                 state: "a session is already running on this agent",
@@ -208,13 +239,18 @@ impl ControllerLink {
     /// Takes one message from the agent.
     pub fn handle(&mut self, msg: Message) -> Result<Option<ControllerEvent>, ProtocolError> {
         if self.draining
-            && self.session.is_none()
+            && self.session().is_none()
             && matches!(
                 msg,
                 Message::SyncReady(_)
                     | Message::Block(_)
                     | Message::Checkpoint { .. }
                     | Message::DiskEnd(_)
+                    | Message::FailbackReady(_)
+                    | Message::TargetChunk(_)
+                    | Message::TargetEnd { .. }
+                    | Message::FailbackProgress(_)
+                    | Message::FailbackDone(_)
             )
         {
             return Ok(None);
@@ -231,11 +267,31 @@ impl ControllerLink {
             }
             Message::Error(e) => {
                 if e.fatal || self.session() == Some(e.session) {
-                    self.draining |= self.session.take().is_some();
+                    self.draining |= self.drop_session().is_some();
                 }
                 Ok(Some(ControllerEvent::PeerError(e)))
             }
             Message::SyncReady(r) => self.on_ready(r),
+            Message::FailbackReady(r) => {
+                self.pass_mut("FailbackReady")?.on_ready(&r)?;
+                Ok(Some(ControllerEvent::FailbackReady(r)))
+            }
+            Message::TargetChunk(c) => {
+                self.pass_mut("TargetChunk")?.on_target_chunk(&c)?;
+                Ok(Some(ControllerEvent::TargetChunk(c)))
+            }
+            Message::TargetEnd { slot } => {
+                self.pass_mut("TargetEnd")?.on_target_end(slot)?;
+                Ok(Some(ControllerEvent::TargetEnd { slot }))
+            }
+            Message::FailbackProgress(p) => {
+                self.pass_mut("FailbackProgress")?.on_progress(p.slot)?;
+                Ok(Some(ControllerEvent::FailbackProgress(p)))
+            }
+            Message::FailbackDone(d) => {
+                self.pass_mut("FailbackDone")?.on_done(d.slot)?;
+                Ok(Some(ControllerEvent::FailbackDone(d)))
+            }
             Message::Block(b) => {
                 let st = self.streaming_slot(b.slot, "Block")?;
                 if b.block < st.next_block {
@@ -291,6 +347,16 @@ impl ControllerLink {
                 state: "controller link established",
             }),
         }
+    }
+
+    fn pass_mut(
+        &mut self,
+        got: &'static str,
+    ) -> Result<&mut failback::ControllerPass, ProtocolError> {
+        self.failback.as_mut().ok_or(ProtocolError::Unexpected {
+            got,
+            state: "no failback pass",
+        })
     }
 
     fn on_ready(&mut self, r: SyncReady) -> Result<Option<ControllerEvent>, ProtocolError> {
@@ -457,8 +523,8 @@ impl ControllerLink {
 
     /// Ends the session (successfully or not) and returns to idle.
     pub fn end_session(&mut self) {
-        if let Some(s) = self.session.take() {
-            Message::SessionEnd { session: s.session }.encode(&mut self.out);
+        if let Some(session) = self.drop_session() {
+            Message::SessionEnd { session }.encode(&mut self.out);
         }
     }
 
@@ -466,7 +532,7 @@ impl ControllerLink {
     /// runs); either way the session is over at both ends.
     pub fn send_error(&mut self, code: ErrorCode, fatal: bool, message: String) {
         let session = self.session().unwrap_or(0);
-        self.draining |= self.session.take().is_some();
+        self.draining |= self.drop_session().is_some();
         Message::Error(ErrorMsg {
             code,
             session,

@@ -6,8 +6,9 @@ use super::ProtocolError;
 use crate::digest::{Digest, Geometry, IndexRootHasher, ZeroDigests};
 use crate::encoding::Encoding;
 use crate::message::{
-    decode_stream, BaseRef, Committed, DiskEnd, DiskInfo, IndexChunk, Inventory, Message,
-    ReadyDisk, StartSync, SyncDisk, SyncReady,
+    decode_stream, BaseRef, Committed, DiskEnd, DiskInfo, FailbackDone, FailbackReady,
+    FailbackTarget, IndexChunk, Inventory, Message, ReadyDisk, ReadyTarget, StartFailback,
+    StartSync, SyncDisk, SyncReady, TargetDescription, TargetInfo,
 };
 
 fn connect() -> (AgentLink, ControllerLink) {
@@ -24,6 +25,10 @@ fn connect() -> (AgentLink, ControllerLink) {
             id: "disk0".into(),
             size: 10 * 4096,
             block_size: 4096,
+        }],
+        targets: vec![TargetInfo {
+            id: "new-disk0".into(),
+            size: 12 * 4096,
         }],
     });
     let ev = pump_to_controller(&mut agent, &mut ctl);
@@ -321,4 +326,185 @@ fn frames_in_flight_after_an_error_are_dropped_not_fatal() {
         pump_to_agent(&mut ctl, &mut agent)[0],
         AgentEvent::SyncRequested(_)
     ));
+}
+
+fn failback_request(disk_size: u64) -> StartFailback {
+    StartFailback {
+        session: 9,
+        pass: 1,
+        targets: vec![FailbackTarget {
+            target: "new-disk0".into(),
+            source: "cloud/disk0".into(),
+            point: 3,
+            disk_size,
+            block_size: 4096,
+            root: Digest([7; 32]),
+            force: false,
+            rescan: false,
+        }],
+    }
+}
+
+/// Runs a failback pass up to the point where the controller may send.
+fn described_pass(agent: &mut AgentLink, ctl: &mut ControllerLink) {
+    ctl.start_failback(failback_request(10 * 4096)).unwrap();
+    let ev = pump_to_agent(ctl, agent);
+    assert!(matches!(&ev[0], AgentEvent::FailbackRequested(r) if r.targets.len() == 1));
+    agent
+        .send_failback_ready(FailbackReady {
+            session: 9,
+            targets: vec![ReadyTarget {
+                target_size: 12 * 4096,
+                described_by: TargetDescription::Scanned,
+            }],
+        })
+        .unwrap();
+    for first in [0u64, 6] {
+        let n = if first == 0 { 6 } else { 4 };
+        agent
+            .send_target_chunk(IndexChunk {
+                slot: 0,
+                first_block: first,
+                digests: vec![Digest([1; 32]); n],
+            })
+            .unwrap();
+    }
+    assert!(!ctl.failback_sending());
+    agent.send_target_end(0).unwrap();
+    let ev = pump_to_controller(agent, ctl);
+    assert!(matches!(ev[0], ControllerEvent::FailbackReady(_)));
+    assert!(matches!(
+        ev.last(),
+        Some(ControllerEvent::TargetEnd { slot: 0 })
+    ));
+    assert!(ctl.failback_sending());
+    assert!(agent.failback_receiving());
+}
+
+#[test]
+fn failback_pass_runs_both_ends() {
+    let (mut agent, mut ctl) = connect();
+    described_pass(&mut agent, &mut ctl);
+    ctl.send_failback_block(0, 2, Encoding::Raw, 4096, &Digest([2; 32]), &[5u8; 4096])
+        .unwrap();
+    ctl.send_failback_block(0, 9, Encoding::Zero, 4096, &Digest([3; 32]), &[])
+        .unwrap();
+    ctl.send_failback_sent(0, 2).unwrap();
+    let ev = pump_to_agent(&mut ctl, &mut agent);
+    assert!(
+        matches!(&ev[0], AgentEvent::FailbackBlock(b) if b.block == 2 && b.payload.len() == 4096)
+    );
+    assert!(matches!(&ev[1], AgentEvent::FailbackBlock(b) if b.block == 9));
+    assert_eq!(
+        ev[2],
+        AgentEvent::FailbackSent {
+            slot: 0,
+            sent_blocks: 2
+        }
+    );
+    let done = FailbackDone {
+        slot: 0,
+        written_blocks: 2,
+        verified_blocks: 2,
+        root: Digest([7; 32]),
+    };
+    agent.send_failback_done(done).unwrap();
+    let ev = pump_to_controller(&mut agent, &mut ctl);
+    assert_eq!(ev, vec![ControllerEvent::FailbackDone(done)]);
+    assert!(ctl.failback_done());
+    ctl.end_session();
+    let ev = pump_to_agent(&mut ctl, &mut agent);
+    assert_eq!(ev, vec![AgentEvent::SessionEnded { session: 9 }]);
+    assert!(!agent.in_failback());
+    // The link is idle again: a sync may start.
+    start(&mut ctl, None, 0);
+}
+
+#[test]
+fn failback_refuses_what_the_pass_does_not_allow() {
+    let (mut agent, mut ctl) = connect();
+    // A target the agent does not offer, or one smaller than the point.
+    let mut unknown = failback_request(10 * 4096);
+    unknown.targets[0].target = "elsewhere".into();
+    assert!(ctl.start_failback(unknown).is_err());
+    assert!(ctl.start_failback(failback_request(13 * 4096)).is_err());
+
+    ctl.start_failback(failback_request(10 * 4096)).unwrap();
+    pump_to_agent(&mut ctl, &mut agent);
+    // No second session while the pass runs.
+    assert!(ctl
+        .start_sync(StartSync {
+            session: 10,
+            disks: vec![]
+        })
+        .is_err());
+    // Digests before the pass is accepted, then out of order.
+    let chunk = |first_block| IndexChunk {
+        slot: 0,
+        first_block,
+        digests: vec![Digest([1; 32]); 2],
+    };
+    assert!(agent.send_target_chunk(chunk(0)).is_err());
+    agent
+        .send_failback_ready(FailbackReady {
+            session: 9,
+            targets: vec![ReadyTarget {
+                target_size: 12 * 4096,
+                described_by: TargetDescription::Map,
+            }],
+        })
+        .unwrap();
+    assert!(agent.send_target_chunk(chunk(4)).is_err());
+    agent.send_target_chunk(chunk(0)).unwrap();
+    // Ending the description early, and the controller sending too soon.
+    assert!(agent.send_target_end(0).is_err());
+    pump_to_controller(&mut agent, &mut ctl);
+    assert!(ctl
+        .send_failback_block(0, 0, Encoding::Zero, 4096, &Digest([0; 32]), &[])
+        .is_err());
+    // A chunk the agent did not send in order is a violation at the
+    // controller too.
+    let forged = Message::TargetChunk(chunk(8));
+    assert!(ctl.handle(forged).is_err());
+}
+
+#[test]
+fn failback_blocks_are_checked_by_the_agent() {
+    let (mut agent, mut ctl) = connect();
+    described_pass(&mut agent, &mut ctl);
+    let block = |block, raw_len| {
+        Message::Block(crate::message::Block {
+            slot: 0,
+            block,
+            encoding: Encoding::Zero,
+            raw_len,
+            digest: Digest([0; 32]),
+            payload: Vec::new(),
+        })
+    };
+    // Past the end of the point, and a wrong length.
+    assert!(agent.handle(block(10, 4096)).is_err());
+    assert!(agent.handle(block(3, 512)).is_err());
+    agent.handle(block(3, 4096)).unwrap();
+    // Backwards.
+    assert!(agent.handle(block(3, 4096)).is_err());
+    // Done before everything was sent.
+    assert!(agent
+        .send_failback_done(FailbackDone {
+            slot: 0,
+            written_blocks: 1,
+            verified_blocks: 1,
+            root: Digest([0; 32]),
+        })
+        .is_err());
+    // The controller may not send past the end, backwards, or after Sent.
+    ctl.send_failback_block(0, 4, Encoding::Zero, 4096, &Digest([0; 32]), &[])
+        .unwrap();
+    assert!(ctl
+        .send_failback_block(0, 4, Encoding::Zero, 4096, &Digest([0; 32]), &[])
+        .is_err());
+    ctl.send_failback_sent(0, 1).unwrap();
+    assert!(ctl
+        .send_failback_block(0, 8, Encoding::Zero, 4096, &Digest([0; 32]), &[])
+        .is_err());
 }
