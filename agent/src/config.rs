@@ -67,6 +67,49 @@ pub struct AgentConfig {
     /// Protected disks.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskSection>,
+    /// How failback passes write.
+    #[serde(default)]
+    pub failback: FailbackSection,
+    /// Failback targets: disks of newly created source machines that the
+    /// controller may write recovery points into.
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetSection>,
+}
+
+/// `[failback]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailbackSection {
+    /// Bytes written between flush-and-verify rounds: every round flushes
+    /// the target, re-reads what it wrote and checks the digests.
+    #[serde(default = "default_verify_bytes")]
+    pub verify_bytes: u64,
+    /// Blocks of the previous pass's map re-read and checked before the map
+    /// is trusted to describe a target (0 = trust it without a check).
+    #[serde(default = "default_spot_check_blocks")]
+    pub spot_check_blocks: u32,
+}
+
+impl Default for FailbackSection {
+    fn default() -> Self {
+        FailbackSection {
+            verify_bytes: default_verify_bytes(),
+            spot_check_blocks: default_spot_check_blocks(),
+        }
+    }
+}
+
+/// `[[target]]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    /// Stable id of the target (letters, digits, `.`, `_`, `-`); the
+    /// controller names targets by this id.
+    pub id: String,
+    /// Where the target is: a raw image file, a block device, or an
+    /// `nbd://` / `nbd+unix://` URI (e.g. a `qemu-nbd`-served VMDK or
+    /// qcow2).
+    pub path: PathBuf,
 }
 
 /// `[controller]`
@@ -364,6 +407,12 @@ fn default_checkpoint_bytes() -> u64 {
 fn default_block_size() -> u32 {
     DEFAULT_BLOCK_SIZE
 }
+fn default_verify_bytes() -> u64 {
+    32 * 1024 * 1024
+}
+fn default_spot_check_blocks() -> u32 {
+    64
+}
 
 impl AgentConfig {
     /// Reads and validates a configuration file.
@@ -526,6 +575,56 @@ impl AgentConfig {
                     format!(
                         "{} is not a power of two between 4 KiB and 4 MiB",
                         d.block_size
+                    ),
+                ));
+            }
+        }
+        if !(1024 * 1024..=1024 * 1024 * 1024).contains(&self.failback.verify_bytes) {
+            return Err(bad(
+                "failback.verify_bytes".into(),
+                "must be between 1 MiB and 1 GiB".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            if !valid_id(&t.id) {
+                return Err(bad(
+                    format!("target[{i}].id"),
+                    format!("{:?} must be 1-128 letters, digits, '.', '_' or '-'", t.id),
+                ));
+            }
+            if !seen.insert(t.id.clone()) {
+                return Err(bad(
+                    format!("target[{i}].id"),
+                    format!("{:?} appears twice", t.id),
+                ));
+            }
+            if let Some(j) = self.targets[..i].iter().position(|o| o.path == t.path) {
+                return Err(bad(
+                    format!("target[{i}].path"),
+                    format!("{} is also target[{j}]", t.path.display()),
+                ));
+            }
+            if let Some(d) = self.disks.iter().find(|d| d.path == t.path) {
+                return Err(bad(
+                    format!("target[{i}].path"),
+                    format!(
+                        "{} is protected disk {:?}: a failback target is written, a protected disk only read",
+                        t.path.display(),
+                        d.id
+                    ),
+                ));
+            }
+            let is_vmdk = t
+                .path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("vmdk"));
+            if is_vmdk {
+                return Err(bad(
+                    format!("target[{i}].path"),
+                    format!(
+                        "{}: VMDK files are written through an NBD server (qemu-nbd -f vmdk), give its nbd:// URI",
+                        t.path.display()
                     ),
                 ));
             }

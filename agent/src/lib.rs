@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod dump;
+pub mod failback;
 pub mod gelf;
 pub mod service;
 pub mod source;

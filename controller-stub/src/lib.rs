@@ -3,8 +3,10 @@
 
 pub mod admin;
 pub mod config;
+pub mod failback;
 pub mod link;
 pub mod pki;
+pub mod plan;
 pub mod registry;
 pub mod scheduler;
 pub mod session;

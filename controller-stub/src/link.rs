@@ -31,6 +31,10 @@ use crate::session::{
 };
 use crate::tls::agent_id_from_peer;
 
+#[path = "link_failback.rs"]
+mod failback;
+use failback::{recv_send_out, FailbackRun};
+
 /// Accepts agents until `shutdown` turns true.
 pub async fn serve_agents(
     ctl: Arc<Controller>,
@@ -132,8 +136,15 @@ async fn handle_connection(
         link,
         out_tx: out_tx.clone(),
         session: None,
+        failback: None,
     };
     let result = conn.run(&mut rd, frames, buf, cmd_rx, shutdown).await;
+    if conn.failback.is_some() {
+        conn.fail_failback(
+            "the connection to the agent was lost; the next pass resumes where this one stopped",
+            ErrorCode::SessionAborted,
+        );
+    }
 
     // Detach: a session in progress waits for the agent to come back, once
     // its writer has finished what this link handed it.
@@ -239,6 +250,7 @@ struct AgentConn {
     link: ControllerLink,
     out_tx: mpsc::Sender<Vec<u8>>,
     session: Option<Attached>,
+    failback: Option<FailbackRun>,
 }
 
 async fn recv_reply(s: &mut Option<Attached>) -> Option<WriteReply> {
@@ -320,9 +332,14 @@ impl AgentConn {
                     }
                 }
                 reply = recv_reply(&mut self.session) => self.on_reply(reply)?,
+                out = recv_send_out(&mut self.failback) => self.on_send_out(out)?,
                 cmd = commands.recv() => match cmd {
                     Some(AgentCommand::Sync { disks, reply }) => {
                         let r = self.start_session(disks);
+                        let _ = reply.send(r);
+                    }
+                    Some(AgentCommand::Failback { request, reply }) => {
+                        let r = self.start_failback(request);
                         let _ = reply.send(r);
                     }
                     Some(AgentCommand::ResumePending)
@@ -358,6 +375,9 @@ impl AgentConn {
                 "agent {} is busy with session {}",
                 self.agent, a.active.id
             ));
+        }
+        if let Some(id) = self.link.session() {
+            return Err(format!("agent {} is busy with session {id}", self.agent));
         }
         if let Some(a) = self
             .ctl
@@ -577,11 +597,15 @@ impl AgentConn {
     }
 
     async fn on_event(&mut self, ev: ControllerEvent) -> Result<()> {
+        if self.on_failback_event(&ev).await? {
+            return Ok(());
+        }
         match ev {
             ControllerEvent::Inventory(inv) => {
                 info!(agent = %self.agent, disks = inv.disks.len(), "inventory received");
                 if let Some(e) = self.ctl.registry().agents.get_mut(&self.agent) {
                     e.inventory = inv.disks;
+                    e.targets = inv.targets;
                 }
                 if self.session.is_none() && self.link.session().is_none() {
                     self.resume_pending();
@@ -640,6 +664,16 @@ impl AgentConn {
                     slot: end.slot,
                     root: end.root,
                 })?;
+            }
+            ControllerEvent::FailbackReady(_)
+            | ControllerEvent::TargetChunk(_)
+            | ControllerEvent::TargetEnd { .. }
+            | ControllerEvent::FailbackProgress(_)
+            | ControllerEvent::FailbackDone(_) => {
+                bail!(
+                    "agent {}: failback message without a failback pass",
+                    self.agent
+                )
             }
             ControllerEvent::PeerError(e) => {
                 if e.code == ErrorCode::ShuttingDown {

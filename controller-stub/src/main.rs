@@ -55,6 +55,32 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Write recovery points into a failback agent's targets (one pass) and
+    /// (by default) wait for it, printing progress.
+    Failback {
+        /// The failback agent (the one that writes).
+        #[arg(long)]
+        agent: String,
+        /// TARGET=FROM_AGENT/DISK[@POINT]: write that point (latest when
+        /// no @POINT) into the agent's target TARGET. Repeat for several.
+        #[arg(long = "target", required = true)]
+        targets: Vec<String>,
+        /// Write even into targets that look mounted or in use.
+        #[arg(long)]
+        force: bool,
+        /// Read the targets to describe them, even if the agent's map of
+        /// the last pass could.
+        #[arg(long)]
+        rescan: bool,
+        /// Return at once with the session id.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show failback passes (all, or one).
+    Passes {
+        /// Session id.
+        id: Option<u64>,
+    },
     /// Show sessions (all, or one).
     Sessions {
         /// Session id.
@@ -69,7 +95,7 @@ enum Command {
         #[arg(long)]
         disk: String,
     },
-    /// Export a point as a sparse raw image.
+    /// Export a point as a sparse raw image or a streamOptimized VMDK.
     Export {
         /// Agent id.
         #[arg(long)]
@@ -83,6 +109,10 @@ enum Command {
         /// Output file.
         #[arg(long)]
         out: PathBuf,
+        /// Image format: "raw" (sparse raw image) or "vmdk" (streamOptimized,
+        /// for import into VMware).
+        #[arg(long, default_value = "raw", value_parser = ["raw", "vmdk"])]
+        format: String,
     },
     /// Re-read and re-hash everything a point references.
     Verify {
@@ -195,6 +225,38 @@ fn real_main() -> Result<()> {
             }
             wait_for_session(&socket(), session)
         }
+        Command::Failback {
+            agent,
+            targets,
+            force,
+            rescan,
+            no_wait,
+        } => {
+            let mut list = Vec::new();
+            for t in targets {
+                list.push(parse_target(t, *force, *rescan)?);
+            }
+            let r = admin(
+                &socket(),
+                "POST",
+                &format!("/v1/agents/{agent}/failback"),
+                Some(&json!({ "targets": list })),
+            )?;
+            let session = r["session"]
+                .as_u64()
+                .context("controller returned no session id")?;
+            if *no_wait {
+                return print(r);
+            }
+            wait_for_failback(&socket(), session)
+        }
+        Command::Passes { id } => {
+            let path = match id {
+                Some(id) => format!("/v1/failback/{id}"),
+                None => "/v1/failback".into(),
+            };
+            print(admin(&socket(), "GET", &path, None)?)
+        }
         Command::Points { agent, disk } => print(admin(
             &socket(),
             "GET",
@@ -206,6 +268,7 @@ fn real_main() -> Result<()> {
             disk,
             point,
             out,
+            format,
         } => {
             let out = std::path::absolute(out)
                 .with_context(|| format!("bad output path {}", out.display()))?;
@@ -213,7 +276,7 @@ fn real_main() -> Result<()> {
                 &socket(),
                 "POST",
                 &format!("/v1/agents/{agent}/disks/{disk}/points/{point}/export"),
-                Some(&json!({ "path": out })),
+                Some(&json!({ "path": out, "format": format })),
             )?;
             print(r)
         }
@@ -251,6 +314,89 @@ fn admin(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Resul
         );
     }
     Ok(v)
+}
+
+/// `TARGET=FROM_AGENT/DISK[@POINT]` as a failback request entry.
+fn parse_target(spec: &str, force: bool, rescan: bool) -> Result<Value> {
+    let bad = || anyhow::anyhow!("--target {spec:?}: expected TARGET=FROM_AGENT/DISK[@POINT]");
+    let (target, source) = spec.split_once('=').ok_or_else(bad)?;
+    let (source, point) = match source.split_once('@') {
+        Some((s, p)) => (s, Some(p.parse::<u64>().map_err(|_| bad())?)),
+        None => (source, None),
+    };
+    let (from_agent, disk) = source.split_once('/').ok_or_else(bad)?;
+    if target.is_empty() || from_agent.is_empty() || disk.is_empty() {
+        return Err(bad());
+    }
+    Ok(json!({
+        "target": target,
+        "from_agent": from_agent,
+        "disk": disk,
+        "point": point,
+        "force": force,
+        "rescan": rescan,
+    }))
+}
+
+/// One line of progress for a failback pass.
+fn failback_line(s: &Value) -> String {
+    let mut parts = Vec::new();
+    for t in s["targets"].as_array().into_iter().flatten() {
+        let n = |k: &str| t[k].as_u64().unwrap_or(0);
+        parts.push(format!(
+            "{} <- {}/{}@{}: compared {}/{}, differing {}, sent {} ({:.1} MiB), written {}, verified {}{}",
+            t["target"].as_str().unwrap_or("?"),
+            t["source_agent"].as_str().unwrap_or("?"),
+            t["disk"].as_str().unwrap_or("?"),
+            n("point"),
+            n("compared_blocks"),
+            n("block_count"),
+            n("differing_blocks"),
+            n("sent_blocks"),
+            n("sent_bytes") as f64 / 1048576.0,
+            n("written_blocks"),
+            n("verified_blocks"),
+            if t["verified"].as_bool() == Some(true) { " ✓" } else { "" },
+        ));
+    }
+    let rate = s["mib_per_s"]
+        .as_f64()
+        .map(|r| format!(", {r:.1} MiB/s"))
+        .unwrap_or_default();
+    let eta = s["eta_secs"]
+        .as_f64()
+        .map(|e| format!(", ETA {e:.0}s"))
+        .unwrap_or_default();
+    format!(
+        "pass {} (session {}) {}: {}{rate}{eta}",
+        s["pass"],
+        s["session"],
+        s["state"].as_str().unwrap_or("?"),
+        parts.join("; ")
+    )
+}
+
+fn wait_for_failback(socket: &Path, session: u64) -> Result<()> {
+    let mut last_line = String::new();
+    loop {
+        let s = admin(socket, "GET", &format!("/v1/failback/{session}"), None)?;
+        let line = failback_line(&s);
+        if line != last_line {
+            eprintln!("{line}");
+            last_line = line;
+        }
+        match s["state"].as_str() {
+            Some("done") => return print(s),
+            Some("failed") => {
+                print(s.clone())?;
+                bail!(
+                    "failback pass {session} failed: {}",
+                    s["error"].as_str().unwrap_or("unknown error")
+                );
+            }
+            _ => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
 }
 
 fn wait_for_session(socket: &Path, session: u64) -> Result<()> {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tideline_protocol::message::{DiskInfo, StartSync};
+use tideline_protocol::message::{DiskInfo, StartSync, TargetInfo};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::ControllerConfig;
@@ -27,6 +27,13 @@ pub enum AgentCommand {
     Sync {
         /// Disk ids.
         disks: Vec<String>,
+        /// The new session id, or why not.
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    /// Start a failback pass into targets of this agent.
+    Failback {
+        /// What to write where.
+        request: crate::failback::FailbackRequest,
         /// The new session id, or why not.
         reply: oneshot::Sender<Result<u64, String>>,
     },
@@ -72,6 +79,10 @@ pub struct AgentEntry {
     pub connection: Option<Connection>,
     /// Last inventory received.
     pub inventory: Vec<DiskInfo>,
+    /// Failback targets of the last inventory.
+    pub targets: Vec<TargetInfo>,
+    /// Failback passes started on this agent since the controller started.
+    pub failback_passes: u32,
     /// Interrupted session waiting for the agent.
     pub active: Option<ActiveSession>,
     /// Id of the session running on the live connection, if any.
@@ -89,6 +100,8 @@ pub struct Registry {
     pub agents: BTreeMap<String, AgentEntry>,
     /// Sessions by id (kept after they end, for the admin interface).
     pub sessions: BTreeMap<u64, SharedStatus>,
+    /// Failback passes by session id (kept after they end).
+    pub failbacks: BTreeMap<u64, crate::failback::SharedFailback>,
 }
 
 /// The controller: configuration, store and registry, shared by every task.
@@ -151,6 +164,38 @@ impl Controller {
             .map_err(|_| format!("agent {agent:?} disconnected"))?;
         rx.await
             .map_err(|_| format!("agent {agent:?} disconnected"))?
+    }
+
+    /// Asks a connected agent to run a failback pass; returns the session
+    /// id.
+    pub async fn request_failback(
+        &self,
+        agent: &str,
+        request: crate::failback::FailbackRequest,
+    ) -> Result<u64, String> {
+        let commands = {
+            let reg = self.registry();
+            reg.agents
+                .get(agent)
+                .and_then(|e| e.connection.as_ref())
+                .map(|c| c.commands.clone())
+                .ok_or_else(|| format!("agent {agent:?} is not connected"))?
+        };
+        let (tx, rx) = oneshot::channel();
+        commands
+            .send(AgentCommand::Failback { request, reply: tx })
+            .await
+            .map_err(|_| format!("agent {agent:?} disconnected"))?;
+        rx.await
+            .map_err(|_| format!("agent {agent:?} disconnected"))?
+    }
+
+    /// Status of a failback pass.
+    pub fn failback_status(&self, id: u64) -> Option<crate::failback::FailbackStatus> {
+        let status = self.registry().failbacks.get(&id).cloned()?;
+        let mut s = status.lock().ok()?.clone();
+        s.touch();
+        Some(s)
     }
 
     /// Status of a session.

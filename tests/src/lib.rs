@@ -7,6 +7,8 @@
 //! real CLI. Binaries are taken from the cargo target directory of the
 //! current profile (`scripts/test.sh` builds them before the tests run).
 
+pub mod proxy;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;

@@ -3,85 +3,12 @@
 
 use anyhow::{bail, Result};
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tideline_tests::proxy::Proxy;
 use tideline_tests::*;
 
 const BS: u32 = 64 * 1024;
 const CHECKPOINT: u64 = 4 << 20;
-
-/// A loopback TCP proxy that slows the agent's upload to `rate` bytes per
-/// second and can cut every open connection at once.
-struct Proxy {
-    port: u16,
-    cut: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Proxy {
-    fn start(target: u16, rate: u64) -> Result<Proxy> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let conns2 = conns.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
-                    continue;
-                };
-                if let Ok(mut c) = conns2.lock() {
-                    c.push(client.try_clone().expect("clone"));
-                    c.push(server.try_clone().expect("clone"));
-                }
-                let (c2, s2) = (
-                    client.try_clone().expect("clone"),
-                    server.try_clone().expect("clone"),
-                );
-                std::thread::spawn(move || pump(client, server, Some(rate)));
-                std::thread::spawn(move || pump(s2, c2, None));
-            }
-        });
-        Ok(Proxy { port, cut, conns })
-    }
-
-    /// Cuts every connection open now; later ones pass.
-    fn cut_all(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        if let Ok(mut c) = self.conns.lock() {
-            for s in c.drain(..) {
-                let _ = s.shutdown(Shutdown::Both);
-            }
-        }
-    }
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream, rate: Option<u64>) {
-    let mut buf = vec![0u8; 64 * 1024];
-    let started = Instant::now();
-    let mut sent = 0u64;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-        sent += n as u64;
-        if let Some(rate) = rate {
-            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
-    }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
-}
 
 fn session(w: &World, id: u64) -> Result<Value> {
     w.admin(&["sessions", &id.to_string()])
@@ -156,7 +83,7 @@ fn sync_until_interrupted(seed: u64) -> Result<Interrupted> {
     let img = w.path("disk.raw");
     make_image(&img, 256 << 20, seed)?;
     let nonzero = nonzero_blocks(&img, BS as usize)?.len() as u64;
-    let proxy = Proxy::start(w.port, 40 << 20)?;
+    let proxy = Proxy::start(w.port, Some(40 << 20), None)?;
     let disks = [DiskSpec {
         id: "data".into(),
         path: img.clone(),

@@ -120,6 +120,16 @@ pub enum SourceError {
         /// Size of the disk when opened.
         size: u64,
     },
+    /// A write failed (failback targets).
+    #[error("write error on disk {disk} at offset {offset}: {source}")]
+    Write {
+        /// The disk.
+        disk: String,
+        /// Byte offset of the write.
+        offset: u64,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// A VMDK file or its descriptor is unusable (the message names the file
     /// and the defect).
     #[error(transparent)]

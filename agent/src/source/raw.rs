@@ -8,6 +8,11 @@
 //! After a batch is hashed, `posix_fadvise(POSIX_FADV_DONTNEED)` drops it
 //! from the page cache: a full scan reads the whole disk once and should not
 //! evict the protected machine's working set.
+//!
+//! Failback opens the same kind of disk for writing
+//! ([`RawDisk::open_writable`]): block devices with `O_EXCL`, which the
+//! kernel refuses while the device is mounted or held by another exclusive
+//! user, so that a mounted target is found before anything is written.
 
 use std::fs::File;
 use std::io::ErrorKind;
@@ -44,11 +49,39 @@ impl RawDisk {
     /// metadata, a block device's from the `BLKGETSIZE64` ioctl; any other
     /// kind of file is refused.
     pub fn open(path: &Path) -> Result<RawDisk, SourceError> {
+        let file = File::open(path).map_err(|source| SourceError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        RawDisk::from_file(path, file)
+    }
+
+    /// Opens `path` for reading and writing (a failback target). A block
+    /// device is opened with `O_EXCL` unless `shared`: the open then fails
+    /// with `EBUSY` while the device is mounted, part of an LVM, RAID or
+    /// device-mapper stack, or used as swap.
+    pub fn open_writable(path: &Path, shared: bool) -> Result<RawDisk, SourceError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let is_block = std::fs::metadata(path)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(true);
+        if is_block && !shared {
+            opts.custom_flags(libc::O_EXCL);
+        }
+        let file = opts.open(path).map_err(|source| SourceError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        RawDisk::from_file(path, file)
+    }
+
+    fn from_file(path: &Path, file: File) -> Result<RawDisk, SourceError> {
         let open_err = |source| SourceError::Open {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         let ft = meta.file_type();
         let (size, block_device) = if ft.is_file() {
@@ -92,6 +125,11 @@ impl RawDisk {
     /// Whether this is a block device (rather than an image file).
     pub fn is_block_device(&self) -> bool {
         self.block_device
+    }
+
+    /// The open file (for metadata and writes by failback).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 }
 

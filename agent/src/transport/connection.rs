@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use rand::Rng;
 use tideline_protocol::frame::FrameBuffer;
-use tideline_protocol::message::{DiskInfo, ErrorCode, ErrorMsg, Inventory, Message};
+use tideline_protocol::message::{
+    DiskInfo, ErrorCode, ErrorMsg, FailbackProgress, Inventory, Message, TargetInfo,
+};
 use tideline_protocol::session::agent::{AgentEvent, AgentHandshake, AgentLink};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
+use crate::failback::{BlockIn, FailbackPass, PassItem};
 use crate::service::status_file::StatusFile;
 use crate::service::{Heartbeat, Notifier, StatusLine};
 use crate::sync::pipeline::{Scan, ScanItem, ScanStats};
@@ -188,7 +191,21 @@ pub fn inventory(cfg: &AgentConfig) -> Inventory {
             }
         })
         .collect();
-    Inventory { disks }
+    let targets = cfg
+        .targets
+        .iter()
+        .filter_map(|t| match crate::source::open(&t.path) {
+            Ok(src) => Some(TargetInfo {
+                id: t.id.clone(),
+                size: src.size(),
+            }),
+            Err(e) => {
+                warn!(target = %t.id, error = %e, "failback target left out of the inventory");
+                None
+            }
+        })
+        .collect();
+    Inventory { disks, targets }
 }
 
 async fn serve_once(
@@ -255,6 +272,8 @@ async fn serve_once(
         scan: None,
         scan_rx: None,
         scan_slot: 0,
+        failback: None,
+        reported: Vec::new(),
         since_checkpoint: CheckpointClock::new(),
         hooks: hooks.clone(),
         progress: Progress::new(),
@@ -298,13 +317,26 @@ async fn serve_once(
                     frames.extend(&buf[..n]);
                     while let Some(f) = frames.next_frame()? {
                         let msg = Message::decode(f)?;
-                        if let Some(ev) = driver.link.handle(msg)? {
-                            driver.on_event(ev)?;
+                        match driver.link.handle(msg)? {
+                            // Blocks for a failback target wait for room in
+                            // the pass's queue: a slow target holds the
+                            // socket, and so the controller, back.
+                            Some(AgentEvent::FailbackBlock(b)) => {
+                                driver.forward(BlockIn::Block(b)).await;
+                            }
+                            Some(AgentEvent::FailbackSent { slot, sent_blocks }) => {
+                                driver.forward(BlockIn::Sent { slot, sent_blocks }).await;
+                            }
+                            Some(ev) => driver.on_event(ev)?,
+                            None => {}
                         }
                     }
                 }
                 item = recv_scan(&mut driver.scan_rx), if driver.scan_rx.is_some() => {
                     driver.on_scan_item(item)?;
+                }
+                item = recv_pass(&mut driver.failback), if driver.failback.is_some() => {
+                    driver.on_pass_item(item);
                 }
                 _ = service_tick.tick() => {
                     driver.service_tick();
@@ -327,6 +359,13 @@ async fn serve_once(
     drop(out_tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     result
+}
+
+async fn recv_pass(pass: &mut Option<FailbackPass>) -> Option<PassItem> {
+    match pass {
+        Some(p) => p.items.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_scan(rx: &mut Option<mpsc::Receiver<ScanItem>>) -> Option<ScanItem> {
@@ -379,6 +418,10 @@ struct Driver {
     scan: Option<Scan>,
     scan_rx: Option<mpsc::Receiver<ScanItem>>,
     scan_slot: u16,
+    /// The failback pass running, if any.
+    failback: Option<FailbackPass>,
+    /// Per slot of the pass: (written, verified) last reported.
+    reported: Vec<(u64, u64)>,
     since_checkpoint: CheckpointClock,
     hooks: ServiceHooks,
     progress: Progress,
@@ -402,6 +445,7 @@ impl Driver {
         if self.scan.is_none() || self.progress.last_item.elapsed() < SCAN_STALL {
             self.hooks.heartbeat.beat();
         }
+        self.report_failback_progress();
         self.status.session = self.session.as_ref().map(|s| s.id());
         if self.scan.is_some() {
             let p = &self.progress;
@@ -492,7 +536,93 @@ impl Driver {
         });
     }
 
+    /// Sends a `FailbackProgress` for every slot that moved since the last.
+    fn report_failback_progress(&mut self) {
+        let Some(pass) = &self.failback else {
+            return;
+        };
+        if !self.link.failback_receiving() {
+            return;
+        }
+        self.reported.resize(pass.counters.len(), (0, 0));
+        for (slot, c) in pass.counters.iter().enumerate() {
+            use std::sync::atomic::Ordering::Relaxed;
+            let (w, v) = (
+                c.written_blocks.load(Relaxed),
+                c.verified_blocks.load(Relaxed),
+            );
+            if (w, v) != self.reported[slot] {
+                self.reported[slot] = (w, v);
+                let _ = self.link.send_failback_progress(FailbackProgress {
+                    slot: slot as u16,
+                    written_blocks: w,
+                    verified_blocks: v,
+                    written_bytes: c.written_bytes.load(Relaxed),
+                });
+            }
+        }
+        self.status.disk = pass.targets.first().map(|t| format!("failback target {t}"));
+    }
+
+    /// Hands a block (or the end of a slot) to the pass thread, waiting for
+    /// room. Without a pass (it failed meanwhile) the block is dropped.
+    async fn forward(&mut self, item: BlockIn) {
+        if let Some(pass) = &self.failback {
+            if pass.blocks.send(item).await.is_err() {
+                debug!("failback pass thread gone; block dropped");
+            }
+        }
+    }
+
+    fn on_pass_item(&mut self, item: Option<PassItem>) {
+        let session = self.failback.as_ref().map_or(0, |p| p.session);
+        let r = match item {
+            Some(PassItem::Chunk(c)) => self.link.send_target_chunk(c),
+            Some(PassItem::Described { slot }) => self.link.send_target_end(slot),
+            Some(PassItem::Done(d)) => {
+                self.report_failback_progress();
+                self.link.send_failback_done(d)
+            }
+            Some(PassItem::Failed { code, message }) => {
+                self.stop_failback();
+                self.hooks
+                    .status_file
+                    .update(|d| d.last_error = Some(message.clone()));
+                self.link.send_error(ErrorMsg {
+                    code,
+                    session,
+                    fatal: false,
+                    message,
+                });
+                Ok(())
+            }
+            None => {
+                self.failback = None;
+                Ok(())
+            }
+        };
+        if let Err(e) = r {
+            warn!(session, error = %e, "failback pass out of step with the protocol");
+            self.stop_failback();
+            self.link.send_error(ErrorMsg {
+                code: ErrorCode::Internal,
+                session,
+                fatal: false,
+                message: e.to_string(),
+            });
+        }
+    }
+
+    /// Stops the pass, letting it verify and record its current round.
+    fn stop_failback(&mut self) {
+        if let Some(p) = self.failback.take() {
+            p.stop(Duration::from_secs(3));
+        }
+        self.reported.clear();
+    }
+
     fn stop_for_shutdown(&mut self) {
+        self.stop_failback();
         // Stop at a frame boundary: the scan is dropped, the change logs hold
         // what was sent, and the controller resumes from its last ack.
         self.scan = None;
@@ -571,8 +701,38 @@ impl Driver {
                     }
                 }
             }
+            AgentEvent::FailbackRequested(req) => {
+                info!(
+                    session = req.session,
+                    pass = req.pass,
+                    targets = req.targets.len(),
+                    "failback pass requested"
+                );
+                match FailbackPass::prepare(&req, &self.cfg) {
+                    Ok((pass, ready)) => {
+                        self.failback = Some(pass);
+                        self.reported.clear();
+                        self.link.send_failback_ready(ready)?;
+                    }
+                    Err(refusal) => {
+                        warn!(session = req.session, error = %refusal, "refused failback pass");
+                        self.hooks
+                            .status_file
+                            .update(|d| d.last_error = Some(refusal.to_string()));
+                        self.link.send_error(ErrorMsg {
+                            code: ErrorCode::TargetRefused,
+                            session: req.session,
+                            fatal: false,
+                            message: refusal.to_string(),
+                        });
+                    }
+                }
+            }
+            // Handled by the read loop (they wait for room in the queue).
+            AgentEvent::FailbackBlock(_) | AgentEvent::FailbackSent { .. } => {}
             AgentEvent::SessionEnded { session } => {
                 info!(session, "session ended");
+                self.stop_failback();
                 self.session = None;
                 self.scan = None;
                 self.scan_rx = None;
@@ -583,6 +743,7 @@ impl Driver {
                     self.session = None;
                     self.scan = None;
                     self.scan_rx = None;
+                    self.stop_failback();
                 }
             }
         }

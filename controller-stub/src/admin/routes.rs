@@ -5,10 +5,13 @@
 //! | GET  | `/metrics` | Prometheus text exposition (see [`metrics`]) |
 //! | GET  | `/v1/agents` | agents, their disks, latest points and RPO lag |
 //! | POST | `/v1/agents/{agent}/sync` | start a sync (`{"disks": [..]}`, all disks when absent) |
+//! | POST | `/v1/agents/{agent}/failback` | start a failback pass into the agent's targets (`{"targets": [{"target", "from_agent", "disk", "point"?, "force"?, "rescan"?}]}`) |
+//! | GET  | `/v1/failback` | every failback pass since start |
+//! | GET  | `/v1/failback/{id}` | one pass's progress: compared, sent, written, verified, MiB/s, ETA |
 //! | GET  | `/v1/sessions` | every session since start |
 //! | GET  | `/v1/sessions/{id}` | one session's progress |
 //! | GET  | `/v1/agents/{agent}/disks/{disk}/points` | committed points |
-//! | POST | `/v1/agents/{agent}/disks/{disk}/points/{point}/export` | export as a sparse raw image (`{"path": ".."}`) |
+//! | POST | `/v1/agents/{agent}/disks/{disk}/points/{point}/export` | export as a sparse raw image or a streamOptimized VMDK (`{"path": "..", "format": "raw" or "vmdk"}`, raw when absent) |
 //! | POST | `/v1/agents/{agent}/disks/{disk}/points/{point}/verify` | re-read and re-hash a point |
 //!
 //! `{point}` is a number or `latest`.
@@ -40,6 +43,35 @@ pub async fn handle(ctl: Arc<Controller>, req: Request) -> Response {
             match ctl.request_sync(agent, disks).await {
                 Ok(session) => Response::ok(json!({ "session": session })),
                 Err(e) => Response::error(409, e),
+            }
+        }
+        ("POST", ["v1", "agents", agent, "failback"]) => {
+            let request: crate::failback::FailbackRequest =
+                match serde_json::from_value(req.body.clone()) {
+                    Ok(r) => r,
+                    Err(e) => return Response::error(400, format!("bad failback request: {e}")),
+                };
+            match ctl.request_failback(agent, request).await {
+                Ok(session) => Response::ok(json!({ "session": session })),
+                Err(e) => Response::error(409, e),
+            }
+        }
+        ("GET", ["v1", "failback"]) => {
+            let ids: Vec<u64> = ctl.registry().failbacks.keys().copied().collect();
+            let list: Vec<_> = ids
+                .into_iter()
+                .filter_map(|id| ctl.failback_status(id))
+                .collect();
+            Response::ok(json!(list))
+        }
+        ("GET", ["v1", "failback", id]) => {
+            match id
+                .parse::<u64>()
+                .ok()
+                .and_then(|id| ctl.failback_status(id))
+            {
+                Some(s) => Response::ok(json!(s)),
+                None => Response::error(404, format!("no failback pass {id}")),
             }
         }
         ("GET", ["v1", "sessions"]) => {
@@ -76,6 +108,13 @@ pub async fn handle(ctl: Arc<Controller>, req: Request) -> Response {
                 .get("path")
                 .and_then(Value::as_str)
                 .map(PathBuf::from);
+            let vmdk = match req.body.get("format") {
+                _ if action != "export" => false,
+                None | Some(Value::Null) => false,
+                Some(f) if f == "raw" => false,
+                Some(f) if f == "vmdk" => true,
+                Some(_) => return Response::error(400, "\"format\" must be \"raw\" or \"vmdk\""),
+            };
             let store = ctl.store.clone();
             let job = tokio::task::spawn_blocking(move || {
                 let started = Instant::now();
@@ -89,7 +128,12 @@ pub async fn handle(ctl: Arc<Controller>, req: Request) -> Response {
                     if path.is_relative() {
                         return Response::error(400, "export path must be absolute");
                     }
-                    match store.export_raw(&agent, &disk, point, &path, &mut |_, _| {}) {
+                    let exported = if vmdk {
+                        store.export_vmdk(&agent, &disk, point, &path, &mut |_, _| {})
+                    } else {
+                        store.export_raw(&agent, &disk, point, &path, &mut |_, _| {})
+                    };
+                    match exported {
                         Ok(r) => Response::ok(json!({
                             "point": point,
                             "path": path,

@@ -14,6 +14,10 @@ use super::PointId;
 /// What went wrong in the recovery-point store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A caller's callback stopped a walk of a point (its peer went away,
+    /// or sent something out of step).
+    #[error("stopped: {0}")]
+    Protocol(String),
     /// A file or directory operation failed; `path` names the file.
     #[error("I/O error on {}: {source}", path.display())]
     Io {

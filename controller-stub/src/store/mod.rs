@@ -55,6 +55,7 @@ mod catalogue;
 mod chunk;
 mod error;
 mod export;
+mod export_vmdk;
 mod fsutil;
 mod index_file;
 mod pack;
@@ -142,6 +143,17 @@ fn check_id(id: &str) -> Result<(), StoreError> {
     } else {
         Err(StoreError::InvalidId(id.to_string()))
     }
+}
+
+/// A chunk as it lies in its pack.
+#[derive(Debug, Clone)]
+pub struct StoredChunk {
+    /// How the payload is encoded.
+    pub encoding: Encoding,
+    /// Length of the decoded block.
+    pub raw_len: u32,
+    /// The payload.
+    pub payload: Vec<u8>,
 }
 
 impl Store {
@@ -283,6 +295,25 @@ impl Store {
         let payload = pack::read_record(&file, &path, digest, &loc)?;
         let bytes = chunk::decode_verified(digest, loc.encoding, loc.raw_len, &payload)?;
         Ok(bytes.into_owned())
+    }
+
+    /// Chunk `digest` as stored: its encoding, decoded length and payload
+    /// (record CRC checked, payload not decoded). Failback sends chunks
+    /// like this, without recompressing; the agent decodes and checks the
+    /// digest before it writes.
+    pub fn read_stored(&self, digest: &Digest) -> Result<StoredChunk, StoreError> {
+        let loc = lock(&self.state)
+            .catalogue
+            .get(digest)
+            .ok_or(StoreError::MissingChunk { digest: *digest })?;
+        let file = self.pack_reader(loc.pack)?;
+        let path = pack::pack_path(&self.packs_dir, loc.pack);
+        let payload = pack::read_record(&file, &path, digest, &loc)?;
+        Ok(StoredChunk {
+            encoding: loc.encoding,
+            raw_len: loc.raw_len,
+            payload,
+        })
     }
 
     /// Seals packs at `bytes` instead of 1 GiB, to exercise rotation.
