@@ -102,6 +102,8 @@ pub struct Registry {
     pub sessions: BTreeMap<u64, SharedStatus>,
     /// Failback passes by session id (kept after they end).
     pub failbacks: BTreeMap<u64, crate::failback::SharedFailback>,
+    /// DR plan runs by id (kept after they end).
+    pub plan_runs: BTreeMap<u64, crate::failback::plan_run::SharedPlanRun>,
 }
 
 /// The controller: configuration, store and registry, shared by every task.

@@ -316,3 +316,244 @@ fn too_small_and_mounted_targets_are_refused_before_writing() -> Result<()> {
     assert!(std::fs::read(&small)?.iter().all(|&x| x == 0x5a));
     Ok(())
 }
+
+fn plan_json(devices: &str) -> String {
+    format!(
+        r#"{{
+  "devices": {{ {devices} }},
+  "subnets": {{
+    "main_subnet": {{ "cidr": "192.168.15.0/24", "subnet_id": "eda47a07-d1dd-4aca-ae8f-c652e997008e" }}
+  }}
+}}"#
+    )
+}
+
+fn device(
+    name: &str,
+    id: &str,
+    rank: u32,
+    ip: &str,
+    agent: &str,
+    replica: &str,
+    target: &str,
+) -> String {
+    format!(
+        r#""{name}": {{
+      "id": "{id}", "rank": {rank}, "flavor": "2-4",
+      "ports": [ {{ "name": "port_0", "subnet": "main_subnet", "ip": "{ip}" }} ],
+      "boot_condition": {{ "delay_seconds": 120, "type": "wait" }},
+      "failback": {{ "agent": "{agent}", "disks": [ {{ "replica": {{ "agent": "{replica}", "disk": "root" }}, "target": "{target}" }} ] }}
+    }}"#
+    )
+}
+
+/// A DR plan drives failback: a plan with problems is refused with every
+/// problem and its path, nothing started; a sound plan fails its devices
+/// back in rank order and every target ends up equal to its replica.
+#[test]
+fn a_dr_plan_is_validated_whole_then_failed_back_in_rank_order() -> Result<()> {
+    let mut w = World::new(&["cloud-web", "cloud-db", "new-web", "new-db"])?;
+    w.start_controller()?;
+    let mut replicas = Vec::new();
+    for (agent, seed) in [("cloud-web", 51), ("cloud-db", 52)] {
+        let img = w.path(&format!("{agent}.raw"));
+        make_image(&img, 16 * MIB, seed)?;
+        w.start_agent(agent, &[disk("root", img.clone())], "")?;
+        w.wait_connected(agent)?;
+        w.sync(agent)?;
+        replicas.push(img);
+    }
+    let mut targets = Vec::new();
+    for (agent, t) in [("new-web", "web-root"), ("new-db", "db-root")] {
+        let path = w.path(&format!("{t}.raw"));
+        std::fs::File::create(&path)?.set_len(16 * MIB)?;
+        w.start_agent(agent, &[], &target(t, &path.display().to_string()))?;
+        wait_targets(&w, agent)?;
+        targets.push(path);
+    }
+
+    // Every problem at once: unknown subnet, duplicate device, a missing
+    // required field, an address outside its subnet, a replica that does
+    // not exist.
+    let bad = plan_json(&format!(
+        "{}, {}, {}, {}",
+        device(
+            "web",
+            "id-1",
+            1,
+            "192.168.15.10",
+            "new-web",
+            "cloud-web",
+            "web-root"
+        )
+        .replace("\"subnet\": \"main_subnet\"", "\"subnet\": \"dmz\""),
+        device(
+            "db",
+            "id-2",
+            0,
+            "10.0.0.5",
+            "new-db",
+            "cloud-gone",
+            "db-root"
+        ),
+        device(
+            "db",
+            "id-3",
+            0,
+            "192.168.15.12",
+            "new-db",
+            "cloud-db",
+            "db-root"
+        ),
+        device(
+            "cache",
+            "id-4",
+            2,
+            "192.168.15.13",
+            "new-db",
+            "cloud-db",
+            "x"
+        )
+        .replace("\"flavor\": \"2-4\",", ""),
+    ));
+    let bad_path = w.path("bad-plan.json");
+    std::fs::write(&bad_path, &bad)?;
+    let err = w
+        .admin(&[
+            "failback-plan",
+            "--plan",
+            bad_path.to_str().unwrap_or_default(),
+        ])
+        .unwrap_err();
+    let text = format!("{err:#}");
+    for path in [
+        "/devices/web/ports/0/subnet",
+        "/devices/db/ports/0/ip",
+        "/devices/db/failback/disks/0/replica",
+        "/devices/cache/flavor",
+    ] {
+        assert!(
+            text.contains(path),
+            "no problem reported at {path}:\n{text}"
+        );
+    }
+    assert!(text.contains("`db` is defined 2 times"), "{text}");
+    let passes = w.admin(&["passes"])?;
+    assert_eq!(
+        passes.as_array().map(Vec::len),
+        Some(0),
+        "a pass started: {passes}"
+    );
+
+    // A sound plan: the database (rank 0) before the web server (rank 1).
+    let good = plan_json(&format!(
+        "{}, {}",
+        device(
+            "web",
+            "id-1",
+            1,
+            "192.168.15.10",
+            "new-web",
+            "cloud-web",
+            "web-root"
+        ),
+        device(
+            "db",
+            "id-2",
+            0,
+            "192.168.15.11",
+            "new-db",
+            "cloud-db",
+            "db-root"
+        ),
+    ));
+    let good_path = w.path("plan.json");
+    std::fs::write(&good_path, &good)?;
+    let run = w.admin(&[
+        "failback-plan",
+        "--plan",
+        good_path.to_str().unwrap_or_default(),
+    ])?;
+    assert_eq!(run["state"], "done", "{run}");
+    let devices = run["devices"].as_array().context("no devices")?;
+    assert_eq!(devices[0]["name"], "db", "{run}");
+    assert_eq!(devices[1]["name"], "web", "{run}");
+    let db_session = devices[0]["session"].as_u64().context("db not run")?;
+    let web_session = devices[1]["session"].as_u64().context("web not run")?;
+    assert!(db_session < web_session, "web started before db: {run}");
+    let db_pass = w.admin(&["passes", &db_session.to_string()])?;
+    let web_pass = w.admin(&["passes", &web_session.to_string()])?;
+    assert_eq!(db_pass["state"], "done", "{db_pass}");
+    assert_eq!(web_pass["state"], "done", "{web_pass}");
+    assert_same(&targets[0], &replicas[0]);
+    assert_same(&targets[1], &replicas[1]);
+    Ok(())
+}
+
+/// A loop device, detached on drop.
+struct Loop(PathBuf);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// A block device with a mounted file system is refused, naming the target
+/// and the mount; once unmounted, the same pass writes it and it equals the
+/// replica.
+#[test]
+fn a_mounted_block_device_is_refused_until_unmounted() -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 || Command::new("losetup").arg("--version").output().is_err()
+    {
+        eprintln!("skipped: needs root and losetup");
+        return Ok(());
+    }
+    let mut w = World::new(&["cloud-fs", "new-fs"])?;
+    w.start_controller()?;
+    let b = w.path("b.raw");
+    make_image(&b, 32 * MIB, 17)?;
+    w.start_agent("cloud-fs", &[disk("data", b.clone())], "")?;
+    w.wait_connected("cloud-fs")?;
+    w.sync("cloud-fs")?;
+
+    let backing = w.path("new-disk.raw");
+    std::fs::File::create(&backing)?.set_len(32 * MIB)?;
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&backing))?;
+    let dev = run(Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing))?;
+    let dev = Loop(PathBuf::from(dev.trim()));
+    let mnt = w.path("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    run(Command::new("mount").arg(&dev.0).arg(&mnt))?;
+
+    w.start_agent(
+        "new-fs",
+        &[],
+        &target("fs-data", &dev.0.display().to_string()),
+    )?;
+    wait_targets(&w, "new-fs")?;
+    let err = pass(&w, "new-fs", "fs-data=cloud-fs/data", &[]).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("fs-data") && text.contains("mounted"),
+        "refusal does not name the target and the mount: {text}"
+    );
+    // Refused before anything was sent or written (the mount itself
+    // changes the file system's superblock, so the bytes cannot tell).
+    let refused = w.admin(&["passes"])?;
+    assert_eq!(refused[0]["state"], "failed", "{refused}");
+    assert_eq!(refused[0]["targets"][0]["sent_blocks"], 0, "{refused}");
+    assert_eq!(refused[0]["targets"][0]["written_blocks"], 0, "{refused}");
+    run(Command::new("umount").arg(&mnt))?;
+
+    let p = pass(&w, "new-fs", "fs-data=cloud-fs/data", &[])?;
+    assert_eq!(p["state"], "done", "{p}");
+    let last = w.export("cloud-fs", "data", "latest")?;
+    // Compare what reached the device's backing file once detached.
+    drop(dev);
+    assert_same(&backing, &last);
+    Ok(())
+}

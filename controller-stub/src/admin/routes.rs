@@ -8,6 +8,8 @@
 //! | POST | `/v1/agents/{agent}/failback` | start a failback pass into the agent's targets (`{"targets": [{"target", "from_agent", "disk", "point"?, "force"?, "rescan"?}]}`) |
 //! | GET  | `/v1/failback` | every failback pass since start |
 //! | GET  | `/v1/failback/{id}` | one pass's progress: compared, sent, written, verified, MiB/s, ETA |
+//! | POST | `/v1/plans/failback` | validate a DR plan (`{"plan": "<JSON text>", "check": bool, "rescan": bool}`); 422 with every problem, or start failing its devices back in rank order (`{"run": id}`) |
+//! | GET  | `/v1/plans/{run}` | a plan run: each device's pass and state |
 //! | GET  | `/v1/sessions` | every session since start |
 //! | GET  | `/v1/sessions/{id}` | one session's progress |
 //! | GET  | `/v1/agents/{agent}/disks/{disk}/points` | committed points |
@@ -72,6 +74,39 @@ pub async fn handle(ctl: Arc<Controller>, req: Request) -> Response {
             {
                 Some(s) => Response::ok(json!(s)),
                 None => Response::error(404, format!("no failback pass {id}")),
+            }
+        }
+        ("POST", ["v1", "plans", "failback"]) => {
+            let Some(text) = req.body.get("plan").and_then(Value::as_str) else {
+                return Response::error(400, "needs {\"plan\": \"<the DR plan as JSON text>\"}");
+            };
+            let check = req.body.get("check").and_then(Value::as_bool) == Some(true);
+            let rescan = req.body.get("rescan").and_then(Value::as_bool) == Some(true);
+            match crate::plan::validate(text, ctl.store.as_ref()) {
+                Err(problems) => Response {
+                    status: 422,
+                    text: None,
+                    body: json!({
+                        "error": format!("the DR plan has {} problem(s); nothing was started", problems.problems().len()),
+                        "problems": problems.to_string().lines().collect::<Vec<_>>(),
+                    }),
+                },
+                Ok(plan) if check => Response::ok(json!({ "plan": plan })),
+                Ok(plan) => {
+                    let run = crate::failback::plan_run::start(ctl.clone(), plan, rescan);
+                    let id = run.lock().map(|r| r.id).unwrap_or(0);
+                    Response::ok(json!({ "run": id }))
+                }
+            }
+        }
+        ("GET", ["v1", "plans", id]) => {
+            let run = id
+                .parse::<u64>()
+                .ok()
+                .and_then(|id| ctl.registry().plan_runs.get(&id).cloned());
+            match run.and_then(|r| r.lock().ok().map(|r| r.clone())) {
+                Some(r) => Response::ok(json!(r)),
+                None => Response::error(404, format!("no plan run {id}")),
             }
         }
         ("GET", ["v1", "sessions"]) => {

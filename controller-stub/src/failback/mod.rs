@@ -10,6 +10,7 @@
 //! admin interface shows meanwhile. DR plans ([`crate::plan`]) drive
 //! passes for whole groups of machines in rank order.
 
+pub mod plan_run;
 pub mod request;
 pub mod sender;
 pub mod status;
