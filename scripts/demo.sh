@@ -60,6 +60,10 @@ dir = "state"
 [[disk]]
 id = "data"
 path = "disk.raw"
+# The new machine's disk that failback writes into (an empty file here).
+[[target]]
+id = "new-data"
+path = "new-disk.raw"
 TOML
 
 say "sample disk: ${DISK_MIB} MiB ext4 with text, binaries, incompressible data and free space"
@@ -89,6 +93,7 @@ done
 mkfs.ext4 -q -F -E root_owner=0:0 -d stage disk.raw "${DISK_MIB}M"
 rm -rf stage
 
+truncate -s "$(stat -c %s disk.raw)" new-disk.raw
 say "starting controller and agent on 127.0.0.1:$PORT"
 "$CTL" --config controller.toml serve 2> controller.log &
 CTL_PID=$!
@@ -128,6 +133,22 @@ say "export the latest point and compare bit for bit"
 cmp disk.raw exported.raw
 "$CTL" --config controller.toml verify --agent demo-agent --disk data --point latest > verify.json
 
+say "failback pass 1: write the latest point into an empty new disk"
+"$CTL" --config controller.toml failback --agent demo-agent --target new-data=demo-agent/data > fb1.json
+cmp disk.raw new-disk.raw
+
+say "change the disk, sync, failback pass 2 (only the change travels)"
+python3 - <<'PY'
+import os
+with open("disk.raw", "r+b") as f:
+    size = f.seek(0, 2)
+    for i in range(16):
+        f.seek((i * 7919 * 65536) % (size - 8192)); f.write(os.urandom(5000))
+PY
+"$CTL" --config controller.toml sync --agent demo-agent > incr2.json
+"$CTL" --config controller.toml failback --agent demo-agent --target new-data=demo-agent/data > fb2.json
+cmp disk.raw new-disk.raw
+
 python3 - <<'PY'
 import json
 def load(p): return json.load(open(p))
@@ -145,4 +166,9 @@ print(row("full sync", full))
 print(row("incremental", incr))
 print(f"export       {exp['report']['bytes']/2**20:.1f} MiB in {exp['seconds']:.2f} s, identical to the disk (cmp)")
 print(f"verify       {'ok' if ver['ok'] else 'FAILED'}: {ver['report']['data_blocks']} data blocks, {ver['report']['zero_blocks']} zero blocks re-hashed")
+for name in ("fb1.json", "fb2.json"):
+    fb = load(name); t = fb["targets"][0]
+    print(f"failback {fb['pass']}   {t['described_by']:<7} target | differing {t['differing_blocks']:6d} blocks | "
+          f"sent {t['sent_bytes']/2**20:7.1f} MiB | written {t['written_blocks']:6d}, verified {t['verified_blocks']:6d} | "
+          f"{fb['elapsed_secs']:6.2f} s | root matches the point: {t['verified']} | new disk identical (cmp)")
 PY
