@@ -76,6 +76,19 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Fail back every device of a DR plan, in rank order (one pass each),
+    /// after checking the whole plan; waits and prints progress.
+    FailbackPlan {
+        /// The DR plan (JSON, see docs/dr-plan.md).
+        #[arg(long)]
+        plan: PathBuf,
+        /// Only validate the plan and print it resolved.
+        #[arg(long)]
+        check: bool,
+        /// Read every target to describe it.
+        #[arg(long)]
+        rescan: bool,
+    },
     /// Show failback passes (all, or one).
     Passes {
         /// Session id.
@@ -250,6 +263,33 @@ fn real_main() -> Result<()> {
             }
             wait_for_failback(&socket(), session)
         }
+        Command::FailbackPlan {
+            plan,
+            check,
+            rescan,
+        } => {
+            let text = std::fs::read_to_string(plan)
+                .with_context(|| format!("cannot read DR plan {}", plan.display()))?;
+            let body = json!({ "plan": text, "check": check, "rescan": rescan });
+            let (status, v) = http::request(&socket(), "POST", "/v1/plans/failback", Some(&body))?;
+            if status == 422 {
+                for p in v["problems"].as_array().into_iter().flatten() {
+                    eprintln!("{}: {}", plan.display(), p.as_str().unwrap_or("?"));
+                }
+                bail!(
+                    "{}",
+                    v["error"].as_str().unwrap_or("the DR plan is invalid")
+                );
+            }
+            if status != 200 {
+                bail!("{}", v["error"].as_str().unwrap_or("request failed"));
+            }
+            if *check {
+                return print(v);
+            }
+            let run = v["run"].as_u64().context("controller returned no run id")?;
+            wait_for_plan(&socket(), run)
+        }
         Command::Passes { id } => {
             let path = match id {
                 Some(id) => format!("/v1/failback/{id}"),
@@ -374,6 +414,44 @@ fn failback_line(s: &Value) -> String {
         s["state"].as_str().unwrap_or("?"),
         parts.join("; ")
     )
+}
+
+fn wait_for_plan(socket: &Path, run: u64) -> Result<()> {
+    let mut last_line = String::new();
+    loop {
+        let r = admin(socket, "GET", &format!("/v1/plans/{run}"), None)?;
+        let parts: Vec<String> = r["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                format!(
+                    "{} (rank {}, {}) {}",
+                    d["name"].as_str().unwrap_or("?"),
+                    d["rank"],
+                    d["agent"].as_str().unwrap_or("?"),
+                    d["state"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        let line = format!(
+            "plan run {run} {}: {}",
+            r["state"].as_str().unwrap_or("?"),
+            parts.join(", ")
+        );
+        if line != last_line {
+            eprintln!("{line}");
+            last_line = line;
+        }
+        match r["state"].as_str() {
+            Some("done") => return print(r),
+            Some("failed") => {
+                print(r.clone())?;
+                bail!("plan run {run} failed");
+            }
+            _ => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
 }
 
 fn wait_for_failback(socket: &Path, session: u64) -> Result<()> {
