@@ -10,6 +10,12 @@
 #                         [--keep] [--cache auto|cold|warm] [--rss-sizes 1,2]
 #                         [--block-size-study [--study-block-sizes 16k,64k,...]]
 #                         [--json FILE] [--formats [--vmdk-gib N]]
+#        scripts/bench.sh --failback [--size-gib N] [--block-size BYTES]
+#                         [--workdir DIR] [--keep] [--cache auto|cold|warm]
+#                         [--json FILE]
+# --failback runs bench/failback.py instead: full and incremental (map and
+# --rescan) failback passes into an empty raw target, against zstd -d and
+# b3sum in the same run.
 # Needs: cargo, python3, zstd, b3sum, rsync (scripts/install-deps.sh). Dropping
 # the page cache between phases needs root; without it every tool runs warm.
 set -euo pipefail
@@ -24,5 +30,13 @@ echo "== building (release)" >&2
 cargo build --release --bins --manifest-path "$ROOT/Cargo.toml" >&2
 TARGET="$(cargo metadata --format-version 1 --no-deps --manifest-path "$ROOT/Cargo.toml" \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+
+for arg in "$@"; do
+  if [ "$arg" = "--failback" ]; then
+    args=()
+    for a in "$@"; do [ "$a" = "--failback" ] || args+=("$a"); done
+    exec python3 "$ROOT/bench/failback.py" --bin-dir "$TARGET/release" "${args[@]}"
+  fi
+done
 
 exec python3 "$ROOT/bench/bench.py" --bin-dir "$TARGET/release" "$@"
