@@ -111,6 +111,7 @@ async fn handle_connection(
     {
         let mut reg = ctl.registry();
         let entry = reg.agents.entry(agent_id.clone()).or_default();
+        entry.inventory_received = false;
         entry.connection = Some(Connection {
             conn_id,
             peer: peer.to_string(),
@@ -606,6 +607,7 @@ impl AgentConn {
                 if let Some(e) = self.ctl.registry().agents.get_mut(&self.agent) {
                     e.inventory = inv.disks;
                     e.targets = inv.targets;
+                    e.inventory_received = true;
                 }
                 if self.session.is_none() && self.link.session().is_none() {
                     self.resume_pending();

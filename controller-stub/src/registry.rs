@@ -81,6 +81,8 @@ pub struct AgentEntry {
     pub inventory: Vec<DiskInfo>,
     /// Failback targets of the last inventory.
     pub targets: Vec<TargetInfo>,
+    /// The live connection has sent its inventory.
+    pub inventory_received: bool,
     /// Failback passes started on this agent since the controller started.
     pub failback_passes: u32,
     /// Interrupted session waiting for the agent.
@@ -254,6 +256,18 @@ impl Controller {
                     software: entry.and_then(|e| e.connection.as_ref().map(|c| c.software.clone())),
                     session: entry.and_then(|e| e.running.or(e.active.as_ref().map(|a| a.id))),
                     last_error: entry.and_then(|e| e.last_error.clone()),
+                    inventory_received: entry.is_some_and(|e| e.inventory_received),
+                    targets: entry
+                        .map(|e| {
+                            e.targets
+                                .iter()
+                                .map(|t| TargetSummary {
+                                    id: t.id.clone(),
+                                    size: t.size,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                     disks,
                     id,
                 }
@@ -277,8 +291,22 @@ pub struct AgentSummary {
     pub session: Option<u64>,
     /// Last session failure.
     pub last_error: Option<String>,
+    /// Whether the live connection has reported its inventory (sessions
+    /// can start only then).
+    pub inventory_received: bool,
+    /// Failback targets the connected agent offers.
+    pub targets: Vec<TargetSummary>,
     /// Disks.
     pub disks: Vec<DiskSummary>,
+}
+
+/// A failback target, as the admin interface lists it.
+#[derive(Debug, Serialize)]
+pub struct TargetSummary {
+    /// Target id on the agent.
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
 }
 
 /// One disk, as the admin interface lists it.

@@ -297,6 +297,7 @@ impl World {
                 let up = v.as_array().into_iter().flatten().any(|a| {
                     a["id"] == agent
                         && a["connected"] == true
+                        && a["inventory_received"] == true
                         && a["disks"].as_array().is_some_and(|d| !d.is_empty())
                 });
                 if up {

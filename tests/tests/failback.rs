@@ -33,11 +33,12 @@ fn wait_targets(w: &World, agent: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Ok(v) = w.admin(&["agents"]) {
-            if v.as_array()
-                .into_iter()
-                .flatten()
-                .any(|a| a["id"] == agent && a["connected"] == true)
-            {
+            if v.as_array().into_iter().flatten().any(|a| {
+                a["id"] == agent
+                    && a["connected"] == true
+                    && a["inventory_received"] == true
+                    && a["targets"].as_array().is_some_and(|t| !t.is_empty())
+            }) {
                 return Ok(());
             }
         }
