@@ -31,7 +31,9 @@ pub fn hash_blocks(
     let len = (end_byte - start_byte) as usize;
     buf.clear();
     buf.resize(len, 0);
-    // Read only the data extents; the rest of `buf` stays zero.
+    // Read only the data extents; the rest of `buf` stays zero, and blocks
+    // that no extent touches are known zero without looking at them.
+    let mut touched = vec![false; (end - first) as usize];
     let mut at = start_byte;
     while at < end_byte {
         let Some((s, e)) = disk.next_data(at)? else {
@@ -44,13 +46,19 @@ pub fn hash_blocks(
         let lo = (s - start_byte) as usize;
         let hi = (e - start_byte) as usize;
         disk.read_exact_at(&mut buf[lo..hi], s)?;
+        let bs = u64::from(g.block_size);
+        for b in (s / bs)..e.div_ceil(bs) {
+            if let Some(t) = touched.get_mut((b - first) as usize) {
+                *t = true;
+            }
+        }
         at = e;
     }
     let mut out = Vec::with_capacity((end - first) as usize);
-    for b in first..end {
+    for (b, &read) in (first..end).zip(&touched) {
         let lo = (g.offset(b) - start_byte) as usize;
         let bytes = &buf[lo..lo + g.block_len(b) as usize];
-        out.push(if bytes.iter().all(|&x| x == 0) {
+        out.push(if !read || bytes.iter().all(|&x| x == 0) {
             zeros.for_block(b)
         } else {
             Digest::of(bytes)
