@@ -265,7 +265,7 @@ fn a_pass_cut_off_by_sigkill_resumes_without_rewriting_verified_blocks() -> Resu
             // The controller may still hold the killed agent's connection.
             Err(e)
                 if Instant::now() < deadline
-                    && ["busy", "disconnected", "not connected"]
+                    && ["busy", "disconnected", "not connected", "has not reported"]
                         .iter()
                         .any(|m| format!("{e:#}").contains(m)) =>
             {
