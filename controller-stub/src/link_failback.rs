@@ -24,6 +24,17 @@ pub(super) struct FailbackRun {
     roots: Vec<Digest>,
 }
 
+impl Drop for FailbackRun {
+    /// A pass dropped without a verdict (its connection task ended by a
+    /// path that did not fail it, a panic included) is failed here, so that
+    /// nobody waits for it.
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.status.lock() {
+            st.fail("the connection task of the pass ended".into());
+        }
+    }
+}
+
 /// The next item from the sender, or never when none runs.
 pub(super) async fn recv_send_out(run: &mut Option<FailbackRun>) -> Option<SendOut> {
     match run.as_mut().and_then(|r| r.out.as_mut()) {

@@ -57,19 +57,69 @@ pub fn free_port() -> u16 {
         .expect("no free loopback port")
 }
 
-/// Runs a command and returns its stdout, failing with its stderr.
+/// How long one command a test runs may take before it is killed: a hang
+/// becomes a failure that names the command, not a CI run that never ends.
+/// `TIDELINE_TEST_COMMAND_SECS` overrides the default of 300 s.
+pub fn command_timeout() -> Duration {
+    let secs = std::env::var("TIDELINE_TEST_COMMAND_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
+
+/// Runs a command and returns its stdout, failing with its stderr; kills it
+/// after [`command_timeout`].
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let mut stdout = child.stdout.take().context("child stdout")?;
+    let mut stderr = child.stderr.take().context("child stderr")?;
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + command_timeout();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = out_reader.join().unwrap_or_default();
+    let err = err_reader.join().unwrap_or_default();
+    match status {
+        Some(s) if s.success() => Ok(String::from_utf8_lossy(&out).into_owned()),
+        Some(s) => bail!(
             "{:?} failed ({}): {}{}",
             cmd,
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
+            s,
+            String::from_utf8_lossy(&err),
+            String::from_utf8_lossy(&out)
+        ),
+        None => bail!(
+            "{:?} was killed after {:?}: {}{}",
+            cmd,
+            command_timeout(),
+            String::from_utf8_lossy(&err),
+            String::from_utf8_lossy(&out)
+        ),
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A protected disk for an agent's configuration.
@@ -292,22 +342,27 @@ impl World {
     /// Waits until the controller lists `agent` as connected.
     pub fn wait_connected(&self, agent: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = String::new();
         while Instant::now() < deadline {
-            if let Ok(v) = self.admin(&["agents"]) {
-                let up = v.as_array().into_iter().flatten().any(|a| {
-                    a["id"] == agent
-                        && a["connected"] == true
-                        && a["inventory_received"] == true
-                        && a["disks"].as_array().is_some_and(|d| !d.is_empty())
-                });
-                if up {
-                    return Ok(());
+            match self.admin(&["agents"]) {
+                Ok(v) => {
+                    let up = v.as_array().into_iter().flatten().any(|a| {
+                        a["id"] == agent
+                            && a["connected"] == true
+                            && a["inventory_received"] == true
+                            && a["disks"].as_array().is_some_and(|d| !d.is_empty())
+                    });
+                    if up {
+                        return Ok(());
+                    }
+                    last = v.to_string();
                 }
+                Err(e) => last = format!("{e:#}"),
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!(
-            "agent {agent} did not connect; agent log:\n{}\ncontroller log:\n{}",
+            "agent {agent} did not connect; last `agents`: {last}\nagent log:\n{}\ncontroller log:\n{}",
             self.log(&format!("agent-{agent}.log")),
             self.log("controller.log")
         )

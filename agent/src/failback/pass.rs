@@ -102,6 +102,9 @@ pub struct FailbackPass {
     pub items: mpsc::Receiver<PassItem>,
     /// Per-slot counters.
     pub counters: Arc<Vec<SlotCounters>>,
+    /// Slots whose `FailbackDone` went out; the pass is finished when all
+    /// have.
+    pub done_slots: usize,
     cancel: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -256,6 +259,7 @@ impl FailbackPass {
                 blocks: blocks_tx,
                 items: items_rx,
                 counters,
+                done_slots: 0,
                 cancel,
                 thread: Some(thread),
             },
@@ -330,12 +334,27 @@ fn fail(code: ErrorCode, message: String) -> PassFailure {
 
 impl Worker {
     fn run(mut self, mut blocks: mpsc::Receiver<BlockIn>) {
-        let r = self.describe_all().and_then(|described| {
-            if described {
-                self.write_all(&mut blocks)
-            } else {
-                Ok(())
-            }
+        // A panic must still reach the controller as a failed pass: without
+        // a verdict it would wait for one as long as the link lives.
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.describe_all().and_then(|described| {
+                if described {
+                    self.write_all(&mut blocks)
+                } else {
+                    Ok(())
+                }
+            })
+        }));
+        let r = caught.unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(fail(
+                ErrorCode::Internal,
+                format!("the failback pass thread panicked: {why}"),
+            ))
         });
         if let Err(f) = r {
             warn!(session = self.session, error = %f.message, "failback pass failed");

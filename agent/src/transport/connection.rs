@@ -581,6 +581,9 @@ impl Driver {
             Some(PassItem::Described { slot }) => self.link.send_target_end(slot),
             Some(PassItem::Done(d)) => {
                 self.report_failback_progress();
+                if let Some(p) = &mut self.failback {
+                    p.done_slots += 1;
+                }
                 self.link.send_failback_done(d)
             }
             Some(PassItem::Failed { code, message }) => {
@@ -597,7 +600,25 @@ impl Driver {
                 Ok(())
             }
             None => {
-                self.failback = None;
+                // The thread ended; unless every target was reported done,
+                // the controller is told, or it would wait for the rest.
+                let unfinished = self
+                    .failback
+                    .take()
+                    .filter(|p| p.done_slots < p.targets.len());
+                if let Some(p) = unfinished {
+                    warn!(session, "failback pass thread ended before the pass did");
+                    self.link.send_error(ErrorMsg {
+                        code: ErrorCode::Internal,
+                        session,
+                        fatal: false,
+                        message: format!(
+                            "the failback pass stopped after {} of {} targets",
+                            p.done_slots,
+                            p.targets.len()
+                        ),
+                    });
+                }
                 Ok(())
             }
         };
