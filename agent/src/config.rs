@@ -182,6 +182,12 @@ pub struct SyncSection {
     /// Off by default: it also evicts pages the host's workload had cached.
     #[serde(default)]
     pub drop_page_cache: bool,
+    /// Read raw files and block devices with `O_DIRECT`, around the page
+    /// cache, so that a scan neither fills the cache nor evicts what the
+    /// host's workload cached (buffered reads, with a warning, where the
+    /// file system refuses it). On by default; see `docs/operations.md`.
+    #[serde(default = "default_direct_io")]
+    pub direct_io: bool,
     /// Nice value of the scan threads (-20..=19); absent: inherited.
     #[serde(default)]
     pub nice: Option<i32>,
@@ -193,6 +199,9 @@ pub struct SyncSection {
     pub io_priority: u8,
 }
 
+fn default_direct_io() -> bool {
+    true
+}
 fn default_io_class() -> String {
     "default".into()
 }
@@ -201,6 +210,15 @@ fn default_io_priority() -> u8 {
 }
 
 impl SyncSection {
+    /// How raw disks are read: `O_DIRECT` when `direct_io` is set.
+    pub fn read_mode(&self) -> crate::source::ReadMode {
+        if self.direct_io {
+            crate::source::ReadMode::Direct
+        } else {
+            crate::source::ReadMode::Buffered
+        }
+    }
+
     /// The scan threads' priorities.
     pub fn scan_priority(&self) -> crate::sync::priority::ScanPriority {
         use crate::sync::priority::{IoClass, ScanPriority};
@@ -223,6 +241,7 @@ impl Default for SyncSection {
             batch_bytes: default_batch_bytes(),
             checkpoint_bytes: default_checkpoint_bytes(),
             drop_page_cache: false,
+            direct_io: default_direct_io(),
             nice: None,
             io_class: default_io_class(),
             io_priority: default_io_priority(),
@@ -312,51 +331,8 @@ impl BandwidthSection {
     }
 }
 
-/// `[log]`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogSection {
-    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a
-    /// `tracing` directive list); `RUST_LOG` overrides it. Default `info`.
-    #[serde(default)]
-    pub level: Option<String>,
-    /// GELF server `host[:port]` (UDP, port 12201 by default); none: no
-    /// GELF export.
-    #[serde(default)]
-    pub gelf_address: Option<String>,
-    /// Largest GELF datagram in bytes, chunk header included (512..=65000).
-    #[serde(default = "default_gelf_chunk")]
-    pub gelf_chunk_size: usize,
-    /// GELF payload compression: `none`, `gzip` or `zlib`.
-    #[serde(default = "default_gelf_compression")]
-    pub gelf_compression: String,
-    /// Messages queued for the GELF sender before new ones are dropped (and
-    /// counted).
-    #[serde(default = "default_gelf_queue")]
-    pub gelf_queue: usize,
-}
-
-impl Default for LogSection {
-    fn default() -> Self {
-        LogSection {
-            level: None,
-            gelf_address: None,
-            gelf_chunk_size: default_gelf_chunk(),
-            gelf_compression: default_gelf_compression(),
-            gelf_queue: default_gelf_queue(),
-        }
-    }
-}
-
-fn default_gelf_chunk() -> usize {
-    crate::gelf::DEFAULT_CHUNK_SIZE
-}
-fn default_gelf_compression() -> String {
-    "none".into()
-}
-fn default_gelf_queue() -> usize {
-    crate::gelf::DEFAULT_QUEUE
-}
+/// `[log]`: shared with the controller, see `tideline_service::log`.
+pub use tideline_service::log::LogSection;
 
 /// `[[disk]]`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -500,27 +476,8 @@ impl AgentConfig {
                 "must be at least 1 MiB (each checkpoint costs an fsync)".into(),
             ));
         }
-        if !["none", "gzip", "zlib"].contains(&self.log.gelf_compression.as_str()) {
-            return Err(bad(
-                "log.gelf_compression".into(),
-                format!("{:?} is not none, gzip or zlib", self.log.gelf_compression),
-            ));
-        }
-        if !(crate::gelf::MIN_CHUNK_SIZE..=crate::gelf::MAX_CHUNK_SIZE)
-            .contains(&self.log.gelf_chunk_size)
-        {
-            return Err(bad(
-                "log.gelf_chunk_size".into(),
-                format!(
-                    "{} is outside {}..={}",
-                    self.log.gelf_chunk_size,
-                    crate::gelf::MIN_CHUNK_SIZE,
-                    crate::gelf::MAX_CHUNK_SIZE
-                ),
-            ));
-        }
-        if self.log.gelf_queue == 0 {
-            return Err(bad("log.gelf_queue".into(), "must be at least 1".into()));
+        if let Err(e) = self.log.validate() {
+            return Err(bad(e.key.into(), e.message));
         }
         if self.sync.nice.is_some_and(|n| !(-20..=19).contains(&n)) {
             return Err(bad("sync.nice".into(), "must be between -20 and 19".into()));

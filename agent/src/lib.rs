@@ -8,7 +8,8 @@
 pub mod config;
 pub mod dump;
 pub mod failback;
-pub mod gelf;
+/// GELF log export, shared with the controller (`tideline-service`).
+pub use tideline_service::gelf;
 pub mod service;
 pub mod source;
 pub mod sync;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tideline_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
-use tideline_agent::gelf;
 use tideline_agent::service::notify::{status_assignment, watchdog_interval};
 use tideline_agent::service::status_file::{self, StatusFile};
 use tideline_agent::service::{run_watchdog, Heartbeat, Notifier};
@@ -112,40 +111,8 @@ fn real_main() -> Result<()> {
 }
 
 fn run(cfg: AgentConfig, config_path: &std::path::Path) -> Result<()> {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::new(v),
-        _ => tracing_subscriber::EnvFilter::new(cfg.log.level.as_deref().unwrap_or("info")),
-    };
-    let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let (gelf, gelf_handle) = match &cfg.log.gelf_address {
-        Some(address) => {
-            let gcfg = gelf::GelfConfig {
-                address: address.clone(),
-                chunk_size: cfg.log.gelf_chunk_size,
-                compression: match cfg.log.gelf_compression.as_str() {
-                    "gzip" => gelf::Compression::Gzip,
-                    "zlib" => gelf::Compression::Zlib,
-                    _ => gelf::Compression::None,
-                },
-                queue: cfg.log.gelf_queue,
-                ..gelf::GelfConfig::default()
-            };
-            let (layer, handle) = gelf::GelfLayer::new(gcfg).context("log.gelf_address")?;
-            (Some(layer), Some(handle))
-        }
-        None => (None, None),
-    };
-    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(stderr)
-        .with(gelf)
-        .init();
+    let logging = tideline_service::log::init(&cfg.log, Vec::new()).context("log.gelf_address")?;
+    let (gelf_handle, filter_handle) = (logging.gelf, logging.filter);
 
     std::fs::create_dir_all(&cfg.state.dir)
         .with_context(|| format!("cannot create state directory {}", cfg.state.dir.display()))?;

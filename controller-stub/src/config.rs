@@ -6,6 +6,9 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use tideline_protocol::limits::valid_id;
 
+/// `[log]`: shared with the agent, see `tideline_service::log`.
+pub use tideline_service::log::LogSection;
+
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tideline/controller.toml";
 /// Default admin socket.
@@ -62,6 +65,9 @@ pub struct ControllerConfig {
     /// Per-agent settings.
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentSection>,
+    /// Logging: level and GELF export, the same keys as the agent's.
+    #[serde(default)]
+    pub log: LogSection,
 }
 
 /// `[listen]`
@@ -215,6 +221,9 @@ impl ControllerConfig {
                 "must be at least 1".into(),
             ));
         }
+        if let Err(e) = cfg.log.validate() {
+            return Err(bad(e.key.into(), e.message));
+        }
         for (i, a) in cfg.agents.iter().enumerate() {
             if !valid_id(&a.id) {
                 return Err(bad(
@@ -273,5 +282,23 @@ interval_secs = 60
         .unwrap_err()
         .to_string();
         assert!(e.contains("size"), "{e}");
+    }
+
+    #[test]
+    fn log_section_is_accepted_and_checked() {
+        let base = "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[store]\ndir=\"s\"\n";
+        let c = ControllerConfig::parse(
+            &format!("{base}[log]\nlevel=\"debug\"\ngelf_address=\"127.0.0.1:12201\"\ngelf_compression=\"gzip\"\n"),
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.log.level.as_deref(), Some("debug"));
+        assert_eq!(c.log.gelf_address.as_deref(), Some("127.0.0.1:12201"));
+        assert_eq!(c.log.gelf_compression, "gzip");
+        let e =
+            ControllerConfig::parse(&format!("{base}[log]\ngelf_queue=0\n"), Path::new("c.toml"))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("log.gelf_queue"), "{e}");
     }
 }

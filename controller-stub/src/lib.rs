@@ -9,6 +9,7 @@ pub mod pki;
 pub mod plan;
 pub mod registry;
 pub mod scheduler;
+pub mod service;
 pub mod session;
 pub mod store;
 pub mod tls;

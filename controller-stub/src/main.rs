@@ -2,6 +2,7 @@
 //! tools, and the admin CLI that talks to a running controller.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -10,8 +11,10 @@ use serde_json::{json, Value};
 use tideline_controller::admin::{http, routes};
 use tideline_controller::config::{ControllerConfig, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH};
 use tideline_controller::registry::Controller;
+use tideline_controller::service::ServiceReport;
 use tideline_controller::store::Store;
 use tideline_controller::{link, pki, scheduler, tls};
+use tideline_service::{watchdog_interval, Notifier};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
@@ -539,14 +542,12 @@ fn ca(c: &CaCommand) -> Result<()> {
 }
 
 fn serve(cfg: ControllerConfig) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let logging =
+        tideline_service::log::init(&cfg.log, vec![("component".into(), "controller".into())])
+            .context("log.gelf_address")?;
+    let notifier = Arc::new(Notifier::from_env()?);
+    let watchdog = watchdog_interval();
+    let mut report = ServiceReport::new(notifier, watchdog.is_some());
     let tls = tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let store = Store::open(&cfg.store.dir)
         .with_context(|| format!("opening store {}", cfg.store.dir.display()))?;
@@ -558,6 +559,7 @@ fn serve(cfg: ControllerConfig) -> Result<()> {
     rt.block_on(async move {
         let listen = cfg.listen.address.clone();
         let socket = cfg.admin.socket.clone();
+        let admin_socket = socket.clone();
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -583,20 +585,58 @@ fn serve(cfg: ControllerConfig) -> Result<()> {
         });
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            r = admin => {
-                match r {
-                    Ok(Err(e)) => return Err(anyhow::Error::from(e).context("admin interface failed")),
-                    Err(e) => bail!("admin interface task failed: {e}"),
-                    Ok(Ok(())) => {}
+        // The store is open, agents can connect and the admin socket is
+        // bound (http::serve binds before its first await): started.
+        wait_for_socket(&admin_socket).await;
+        report.ready(&ctl)?;
+        tracing::info!(socket = %admin_socket.display(), "ready");
+        let mut ticks = tokio::time::interval(ServiceReport::period(watchdog));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut admin = admin;
+        let mut ping_failing = false;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = ticks.tick() => {
+                    // The main loop itself pings: if it is stuck, so are
+                    // the pings, and systemd restarts the controller.
+                    match report.tick(&ctl) {
+                        Ok(()) => ping_failing = false,
+                        Err(e) if !ping_failing => {
+                            ping_failing = true;
+                            tracing::warn!(error = %e, "cannot notify systemd");
+                        }
+                        Err(_) => {}
+                    }
+                }
+                r = &mut admin => {
+                    match r {
+                        Ok(Err(e)) => return Err(anyhow::Error::from(e).context("admin interface failed")),
+                        Err(e) => bail!("admin interface task failed: {e}"),
+                        Ok(Ok(())) => break,
+                    }
                 }
             }
         }
+        let _ = report.stopping();
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Some(gelf) = &logging.gelf {
+            gelf.flush(Duration::from_secs(2));
+        }
         Ok(())
     })
+}
+
+/// Waits (at most 5 s) until the admin socket accepts connections: the
+/// admin task removes a stale socket and binds a new one right after it
+/// starts, and READY=1 must not come before that. A failed bind ends the
+/// admin task, which the main loop reports.
+async fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::UnixStream::connect(path).await.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -15,11 +15,13 @@
 //!   work keeps beating a [`watchdog::Heartbeat`]; a timer alone would keep
 //!   pinging for a wedged pipeline, whereas here the pings stop and systemd
 //!   restarts the agent.
+//!
+//! [`notify`] and [`watchdog`] live in the `tideline-service` crate, shared
+//! with the controller, and are re-exported here under their old paths.
 
-pub mod notify;
+pub use tideline_service::{notify, watchdog};
 pub mod status;
 pub mod status_file;
-pub mod watchdog;
 
 pub use notify::{watchdog_interval, Notifier, NotifyError};
 pub use status::StatusLine;

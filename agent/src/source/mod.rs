@@ -15,12 +15,14 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod aligned;
 pub mod nbd;
 pub mod raw;
 pub mod vmdk;
 
+pub use aligned::AlignedBuf;
 pub use nbd::NbdDisk;
-pub use raw::RawDisk;
+pub use raw::{RawDisk, ReadMode};
 pub use vmdk::VmdkDisk;
 
 /// Whether a configured disk location is an NBD URI rather than a path.
@@ -31,6 +33,12 @@ pub fn is_nbd_uri(location: &str) -> bool {
 /// Opens the disk at `location`: an `nbd://` or `nbd+unix://` URI, a
 /// `.vmdk` file, or else a raw image file or block device.
 pub fn open(location: &Path) -> Result<Box<dyn DiskSource>, SourceError> {
+    open_with(location, ReadMode::Buffered)
+}
+
+/// [`open`], with raw files and block devices read in `mode` (`O_DIRECT`
+/// or through the page cache); NBD and VMDK sources ignore it.
+pub fn open_with(location: &Path, mode: ReadMode) -> Result<Box<dyn DiskSource>, SourceError> {
     let text = location.to_string_lossy();
     if is_nbd_uri(&text) {
         return Ok(Box::new(NbdDisk::connect(&text)?));
@@ -41,7 +49,7 @@ pub fn open(location: &Path) -> Result<Box<dyn DiskSource>, SourceError> {
     if is_vmdk {
         return Ok(Box::new(VmdkDisk::open(location)?));
     }
-    Ok(Box::new(RawDisk::open(location)?))
+    Ok(Box::new(RawDisk::open_with(location, mode)?))
 }
 
 /// A readable disk of fixed size.

@@ -5,9 +5,24 @@
 //! the scan's reader threads share one descriptor without a cursor. For
 //! image files, `SEEK_DATA`/`SEEK_HOLE` tell the scan where the holes are so
 //! it skips them without reading; block devices report everything as data.
-//! After a batch is hashed, `posix_fadvise(POSIX_FADV_DONTNEED)` drops it
-//! from the page cache: a full scan reads the whole disk once and should not
-//! evict the protected machine's working set.
+//!
+//! A full scan reads the whole disk once and should not evict the protected
+//! machine's working set from the page cache. Two ways to avoid it:
+//! * [`ReadMode::Direct`] (`[sync] direct_io`): the disk is opened with
+//!   `O_DIRECT`, reads go from the device into the caller's buffer and never
+//!   enter the page cache. `O_DIRECT` wants the buffer address, the offset
+//!   and the length aligned to the logical block size; aligned reads (the
+//!   scan pipeline's [`AlignedBuf`](super::aligned::AlignedBuf) batches)
+//!   go straight through, any other read (the tail of a disk whose size is
+//!   not a multiple of 4096, an extent boundary inside a block) reads the
+//!   aligned superset into an aligned bounce buffer and copies the part
+//!   asked for. A file system that refuses `O_DIRECT` (`EINVAL` at open or
+//!   on the first read: tmpfs before Linux 6.6, some FUSE file systems)
+//!   gets buffered reads and a warning.
+//! * In buffered mode, after a batch is hashed,
+//!   `posix_fadvise(POSIX_FADV_DONTNEED)` drops it from the page cache
+//!   (`[sync] drop_page_cache`): after the fact, and it also drops pages the
+//!   workload had cached itself.
 //!
 //! Failback opens the same kind of disk for writing
 //! ([`RawDisk::open_writable`]): block devices with `O_EXCL`, which the
@@ -24,7 +39,19 @@ use nix::errno::Errno;
 use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use nix::unistd::{lseek, Whence};
 
+use super::aligned::{is_direct_aligned, AlignedBuf, DIRECT_ALIGN};
 use super::{DiskSource, SourceError};
+
+/// How a [`RawDisk`] is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadMode {
+    /// Through the page cache (`pread` on a plain descriptor).
+    #[default]
+    Buffered,
+    /// `O_DIRECT`: around the page cache, falling back to buffered reads
+    /// where the file system refuses it.
+    Direct,
+}
 
 // BLKGETSIZE64 is _IOR(0x12, 114, size_t) in <linux/fs.h> although the
 // kernel writes a u64: the request code must use size_t's width, the
@@ -42,6 +69,8 @@ pub struct RawDisk {
     name: String,
     size: u64,
     block_device: bool,
+    /// Opened with `O_DIRECT`: reads must be aligned (see the module doc).
+    direct: bool,
 }
 
 impl RawDisk {
@@ -54,6 +83,58 @@ impl RawDisk {
             source,
         })?;
         RawDisk::from_file(path, file)
+    }
+
+    /// Opens `path` read-only in `mode`. In [`ReadMode::Direct`], a file
+    /// system that refuses `O_DIRECT` (at open, or on a first aligned read)
+    /// gets a buffered descriptor and a warning; [`RawDisk::is_direct`] says
+    /// which one the disk has.
+    pub fn open_with(path: &Path, mode: ReadMode) -> Result<RawDisk, SourceError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if mode == ReadMode::Buffered {
+            return RawDisk::open(path);
+        }
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path);
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(
+                    disk = %path.display(),
+                    "file system refuses O_DIRECT; reading through the page cache"
+                );
+                return RawDisk::open(path);
+            }
+            Err(source) => {
+                return Err(SourceError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let mut disk = RawDisk::from_file(path, file)?;
+        disk.direct = true;
+        // Some file systems accept the flag at open and refuse the reads.
+        if disk.size >= DIRECT_ALIGN as u64 {
+            let mut probe = AlignedBuf::zeroed(DIRECT_ALIGN);
+            if let Err(e) = disk.file.read_at(&mut probe, 0) {
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    tracing::warn!(
+                        disk = %path.display(),
+                        "file system refuses O_DIRECT reads; reading through the page cache"
+                    );
+                    return RawDisk::open(path);
+                }
+            }
+        }
+        Ok(disk)
+    }
+
+    /// Whether reads bypass the page cache (`O_DIRECT`).
+    pub fn is_direct(&self) -> bool {
+        self.direct
     }
 
     /// Opens `path` for reading and writing (a failback target). A block
@@ -119,7 +200,38 @@ impl RawDisk {
             name: path.display().to_string(),
             size,
             block_device,
+            direct: false,
         })
+    }
+
+    /// `O_DIRECT` read of `buf.len()` bytes at `offset`, which the caller
+    /// has checked lie within the disk. Aligned requests are read in place;
+    /// others through an aligned bounce buffer covering the aligned superset
+    /// (which may end past the end of the disk: the kernel then returns
+    /// fewer bytes, never fewer than were asked for).
+    fn read_direct(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if is_direct_aligned(buf.as_ptr(), offset, buf.len()) {
+            return self.file.read_exact_at(buf, offset);
+        }
+        let align = DIRECT_ALIGN as u64;
+        let start = offset - offset % align;
+        let end = offset + buf.len() as u64;
+        let aligned_end = end.div_ceil(align) * align;
+        // Bounded by the caller's buffer plus two alignment units.
+        let mut bounce = AlignedBuf::zeroed((aligned_end - start) as usize);
+        let need = (end - start) as usize;
+        let mut got = 0;
+        while got < need {
+            match self.file.read_at(&mut bounce[got..], start + got as u64) {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
+        Ok(())
     }
 
     /// Whether this is a block device (rather than an image file).
@@ -154,7 +266,12 @@ impl DiskSource for RawDisk {
             Some(end) if end <= self.size => {}
             _ => return Err(short()),
         }
-        match self.file.read_exact_at(buf, offset) {
+        let read = if self.direct {
+            self.read_direct(buf, offset)
+        } else {
+            self.file.read_exact_at(buf, offset)
+        };
+        match read {
             Ok(()) => Ok(()),
             // The file shrank since it was opened.
             Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(short()),
@@ -203,6 +320,9 @@ impl DiskSource for RawDisk {
     }
 
     fn done_with(&self, offset: u64, len: u64) {
+        if self.direct {
+            return; // nothing of it entered the page cache
+        }
         let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return;
         };
@@ -233,6 +353,87 @@ mod tests {
             off = end;
         }
         out
+    }
+
+    /// Whether `dir` is on tmpfs (always cached; refused O_DIRECT before
+    /// Linux 6.6).
+    fn on_tmpfs(dir: &Path) -> bool {
+        nix::sys::statfs::statfs(dir)
+            .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+            .unwrap_or(false)
+    }
+
+    /// A file of `len` bytes of a pattern no two pages share.
+    fn patterned(dir: &Path, len: usize) -> (std::path::PathBuf, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let path = dir.join("disk.img");
+        std::fs::write(&path, &data).unwrap();
+        (path, data)
+    }
+
+    #[test]
+    fn direct_reads_match_the_file_at_any_alignment_and_at_the_tail() {
+        // On a disk-backed file system: /tmp may be tmpfs.
+        let Some(base) = [std::env::temp_dir(), "/var/tmp".into()]
+            .into_iter()
+            .find(|d| d.is_dir() && !on_tmpfs(d))
+        else {
+            eprintln!("no disk-backed temporary directory; nothing to check");
+            return;
+        };
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let len = 5 * 4096 + 123;
+        let (path, data) = patterned(dir.path(), len);
+        let disk = RawDisk::open_with(&path, ReadMode::Direct).unwrap();
+        if !on_tmpfs(dir.path()) {
+            assert!(
+                disk.is_direct(),
+                "a disk-backed file system refused O_DIRECT"
+            );
+        }
+        assert_eq!(disk.size(), len as u64);
+        let cases = [
+            (0, 4096),        // aligned: in place
+            (4096, 2 * 4096), // aligned
+            (100, 5000),      // unaligned start and length
+            (8192, 17),       // short
+            (4 * 4096, 4219), // the partial last page
+            (len as u64 - 1, 1),
+            (0, len), // everything
+        ];
+        for (offset, n) in cases {
+            let want = &data[offset as usize..offset as usize + n];
+            let mut aligned = AlignedBuf::zeroed(n);
+            disk.read_exact_at(&mut aligned, offset).unwrap();
+            assert_eq!(&aligned[..], want, "aligned buffer, {n} bytes at {offset}");
+            // A buffer at an odd address takes the bounce path.
+            let mut odd = vec![0u8; n + 1];
+            disk.read_exact_at(&mut odd[1..], offset).unwrap();
+            assert_eq!(&odd[1..], want, "odd buffer, {n} bytes at {offset}");
+        }
+        let mut past = AlignedBuf::zeroed(4096);
+        assert!(matches!(
+            disk.read_exact_at(&mut past, 5 * 4096),
+            Err(SourceError::ShortRead { .. })
+        ));
+    }
+
+    #[test]
+    fn direct_mode_reads_correctly_on_tmpfs() {
+        // tmpfs refused O_DIRECT before Linux 6.6 (the fallback path) and
+        // accepts it since; either way the bytes must be right.
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() || !on_tmpfs(shm) {
+            eprintln!("no tmpfs at /dev/shm; nothing to check");
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let (path, data) = patterned(dir.path(), 3 * 4096 + 5);
+        let disk = RawDisk::open_with(&path, ReadMode::Direct).unwrap();
+        let mut buf = vec![0u8; data.len()];
+        disk.read_exact_at(&mut buf, 1).unwrap_err();
+        disk.read_exact_at(&mut buf[1..], 1).unwrap();
+        assert_eq!(&buf[1..], &data[1..]);
     }
 
     #[test]

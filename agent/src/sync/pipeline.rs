@@ -416,7 +416,8 @@ fn work_stage(
             return;
         }
     };
-    let mut buf = vec![0u8; batch_len];
+    // Aligned, so that O_DIRECT sources read straight into it.
+    let mut buf = crate::source::AlignedBuf::zeroed(batch_len);
     loop {
         let batch = {
             let Ok(rx) = job_rx.lock() else { return };

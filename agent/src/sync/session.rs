@@ -107,7 +107,7 @@ impl AgentSession {
                 .iter()
                 .find(|c| c.id == d.id)
                 .ok_or_else(|| SessionError::UnknownDisk(d.id.clone()))?;
-            let job = prepare_disk(req.session, d, dcfg, &cfg.state.dir)?;
+            let job = prepare_disk(req.session, d, dcfg, &cfg.state.dir, cfg.sync.read_mode())?;
             ready.push(ReadyDisk {
                 disk_size: job.geometry.disk_size,
                 block_size: job.geometry.block_size,
@@ -315,6 +315,7 @@ fn prepare_disk(
     d: &tideline_protocol::message::SyncDisk,
     dcfg: &DiskSection,
     state_dir: &Path,
+    read_mode: crate::source::ReadMode,
 ) -> Result<DiskJob, SessionError> {
     let (source, bitmap_disk): (Arc<dyn DiskSource>, Option<Arc<NbdDisk>>) =
         match &dcfg.dirty_bitmap {
@@ -325,7 +326,10 @@ fn prepare_disk(
                 );
                 (disk.clone(), Some(disk))
             }
-            None => (Arc::from(crate::source::open(&dcfg.path)?), None),
+            None => (
+                Arc::from(crate::source::open_with(&dcfg.path, read_mode)?),
+                None,
+            ),
         };
     let geometry = Geometry::new(source.size(), dcfg.block_size);
     let state = DiskState::prepare(state_dir, &d.id)?;

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tracing::{error, info, warn};
 
-use super::notify::Notifier;
+use crate::notify::Notifier;
 
 /// The shortest ping interval accepted; a zero interval would spin.
 const MIN_INTERVAL: Duration = Duration::from_millis(1);
@@ -93,7 +93,7 @@ impl Heartbeat {
 /// recovers first, pings resume (logged at info level). A failed ping is
 /// logged once until one succeeds again: the next tick retries anyway.
 ///
-/// `interval` is normally [`super::notify::watchdog_interval`]; the stall
+/// `interval` is normally [`crate::notify::watchdog_interval`]; the stall
 /// limit should be shorter than `WatchdogSec=` minus one interval, so that a
 /// wedged loop is noticed in time, and longer than the slowest legitimate
 /// step of the loop.

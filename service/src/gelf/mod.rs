@@ -1,4 +1,4 @@
-//! Where the agent's logs leave the machine: a `tracing` layer that ships
+//! Where the agent's and the controller's logs leave the machine: a `tracing` layer that ships
 //! every event as a GELF 1.1 message over UDP to Graylog (or anything that
 //! speaks GELF), default port 12201.
 //!
@@ -154,7 +154,7 @@ pub enum Compression {
 pub struct GelfConfig {
     /// Log server, `host:port`; the port defaults to [`DEFAULT_PORT`].
     pub address: String,
-    /// GELF `host` field: the name this agent is known by.
+    /// GELF `host` field: the name this machine is known by.
     pub host: String,
     /// Largest datagram, chunk header included, [`MIN_CHUNK_SIZE`]..=[`MAX_CHUNK_SIZE`].
     pub chunk_size: usize,
@@ -171,7 +171,7 @@ impl Default for GelfConfig {
     fn default() -> Self {
         GelfConfig {
             address: format!("127.0.0.1:{DEFAULT_PORT}"),
-            host: local_hostname().unwrap_or_else(|| "tideline-agent".to_owned()),
+            host: local_hostname().unwrap_or_else(|| "tideline".to_owned()),
             chunk_size: DEFAULT_CHUNK_SIZE,
             compression: Compression::None,
             queue: DEFAULT_QUEUE,
