@@ -7,6 +7,7 @@
 //! real CLI. Binaries are taken from the cargo target directory of the
 //! current profile (`scripts/test.sh` builds them before the tests run).
 
+pub mod appliance;
 pub mod proxy;
 
 use std::fs::{File, OpenOptions};
