@@ -9,8 +9,10 @@
 //!  TargetChunk/TargetEnd ◀── PassItem ───   map of the last pass, or a scan
 //!  Block, FailbackSent ──── BlockIn ────▶  decode, check digest, buffer a round;
 //!                                          per round: mark map entries unknown,
-//!                                          write, flush, drop cache, re-read,
-//!                                          verify, record digests in the map
+//!                                          write, hand it to the verifier
+//!                                          thread (flush, re-read, compare,
+//!                                          record digests in the map: see
+//!                                          `round.rs`)
 //!  FailbackProgress ◀── counters (1/s)
 //!  FailbackDone ◀────────── PassItem ────  root of the map == point root?
 //! ```
@@ -20,9 +22,8 @@
 //! dropped link or a shutdown the thread finishes its round (flush and
 //! verify) so that what it wrote is recorded in the map, then stops.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ use tracing::{info, warn};
 use super::describe::{self, hash_blocks};
 use super::guard::{self, Refusal};
 use super::map::{TargetMap, TargetStamp};
+use super::round::{Round, RoundBlock, Target, Writer};
 use super::target::{open_target, WritableDisk};
 use crate::config::AgentConfig;
 use crate::source::SourceError;
@@ -111,25 +113,11 @@ pub struct FailbackPass {
 
 /// One target of the pass, opened and checked.
 struct Slot {
-    id: String,
-    location: String,
-    disk: Box<dyn WritableDisk>,
-    geometry: Geometry,
-    zeros: ZeroDigests,
-    map_path: PathBuf,
-    /// The map of the last pass, when it vouches for the target.
-    map: Option<TargetMap>,
+    target: Arc<Target>,
     /// Blocks buffered for the current round.
     round: Round,
     /// Blocks received in this pass.
     received: u64,
-}
-
-#[derive(Default)]
-struct Round {
-    /// (block, offset in `data`, zero block)
-    blocks: Vec<(u64, usize, bool)>,
-    data: Vec<u8>,
 }
 
 impl FailbackPass {
@@ -217,14 +205,17 @@ impl FailbackPass {
                 },
             });
             slots.push(Slot {
-                id: t.target.clone(),
-                location,
-                disk,
-                geometry,
-                zeros,
-                map_path,
-                map,
-                round: Round::default(),
+                target: Arc::new(Target {
+                    id: t.target.clone(),
+                    location,
+                    direct: disk.direct(),
+                    disk,
+                    geometry,
+                    zeros,
+                    map_path,
+                    map: Mutex::new(map),
+                }),
+                round: Round::new(round_capacity(cfg.failback.verify_bytes, t.block_size)),
                 received: 0,
             });
         }
@@ -233,8 +224,15 @@ impl FailbackPass {
         let (blocks_tx, blocks_rx) = mpsc::channel(256);
         let (items_tx, items_rx) = mpsc::channel(slots.len() + 16);
         let cancel = Arc::new(AtomicBool::new(false));
+        let writer = Writer::spawn(counters.clone()).map_err(|e| Refusal::Unopenable {
+            target: req.targets[0].target.clone(),
+            location: String::new(),
+            why: format!("cannot start the writer thread: {e}"),
+        })?;
         let worker = Worker {
             slots,
+            writer,
+            decompressor: None,
             items: items_tx,
             counters: counters.clone(),
             cancel: cancel.clone(),
@@ -291,6 +289,12 @@ impl Drop for FailbackPass {
     }
 }
 
+/// Bytes of a round's buffer: a round is handed over once it holds
+/// `verify_bytes`, so it never needs more than that plus one block.
+fn round_capacity(verify_bytes: u64, block_size: u32) -> usize {
+    (verify_bytes as usize).saturating_add(block_size as usize)
+}
+
 /// Re-reads a sample of blocks and compares them with the map.
 fn spot_check(
     disk: &dyn WritableDisk,
@@ -312,6 +316,9 @@ fn spot_check(
 /// The pass thread.
 struct Worker {
     slots: Vec<Slot>,
+    writer: Writer,
+    /// Reused across blocks (made at the first zstd block).
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
     items: mpsc::Sender<PassItem>,
     counters: Arc<Vec<SlotCounters>>,
     cancel: Arc<AtomicBool>,
@@ -323,12 +330,13 @@ struct Worker {
 }
 
 /// A failure of the pass, with the code the controller gets.
-struct PassFailure {
-    code: ErrorCode,
-    message: String,
+#[derive(Debug, Clone)]
+pub(super) struct PassFailure {
+    pub code: ErrorCode,
+    pub message: String,
 }
 
-fn fail(code: ErrorCode, message: String) -> PassFailure {
+pub(super) fn fail(code: ErrorCode, message: String) -> PassFailure {
     PassFailure { code, message }
 }
 
@@ -375,7 +383,7 @@ impl Worker {
     fn describe_all(&mut self) -> Result<bool, PassFailure> {
         for i in 0..self.slots.len() {
             let slot = i as u16;
-            if self.slots[i].map.is_some() {
+            if self.slots[i].target.map().is_some() {
                 self.describe_from_map(slot)?;
             } else if !self.describe_by_scan(slot)? {
                 return Ok(false);
@@ -386,8 +394,9 @@ impl Worker {
     }
 
     fn describe_from_map(&self, slot: u16) -> Result<(), PassFailure> {
-        let s = &self.slots[usize::from(slot)];
-        let Some(map) = &s.map else {
+        let s = &self.slots[usize::from(slot)].target;
+        let map = s.map();
+        let Some(map) = map.as_ref() else {
             return Ok(());
         };
         info!(target = %s.id, pass = self.pass, "describing the target from the last pass's map");
@@ -410,15 +419,15 @@ impl Worker {
     }
 
     fn describe_by_scan(&mut self, slot: u16) -> Result<bool, PassFailure> {
-        let i = usize::from(slot);
-        let (geometry, location) = (self.slots[i].geometry, self.slots[i].location.clone());
-        info!(target = %self.slots[i].id, pass = self.pass, "scanning the target to describe it");
-        let mut map = TargetMap::create(&self.slots[i].map_path, &location, geometry)
+        let t = self.slots[usize::from(slot)].target.clone();
+        let (geometry, location) = (t.geometry, t.location.clone());
+        info!(target = %t.id, pass = self.pass, "scanning the target to describe it");
+        let mut map = TargetMap::create(&t.map_path, &location, geometry)
             .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
         let items = self.items.clone();
         let started = std::time::Instant::now();
         let done = describe::scan(
-            self.slots[i].disk.as_ref(),
+            t.disk.as_ref(),
             geometry,
             self.workers,
             self.batch_bytes,
@@ -445,21 +454,16 @@ impl Worker {
                 Ok(())
             },
         )
-        .map_err(|e| {
-            fail(
-                ErrorCode::DiskUnreadable,
-                format!("target {}: {e}", self.slots[i].id),
-            )
-        })?;
+        .map_err(|e| fail(ErrorCode::DiskUnreadable, format!("target {}: {e}", t.id)))?;
         if !done {
             return Ok(false);
         }
-        let s = &mut self.slots[i];
+        let s = &t;
         let stamp = TargetStamp::of(std::path::Path::new(&s.location), s.disk.size());
         map.seal_header(stamp, true)
             .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
         info!(target = %s.id, blocks = geometry.block_count, seconds = started.elapsed().as_secs_f64(), "target scanned");
-        s.map = Some(map);
+        *s.map() = Some(map);
         Ok(true)
     }
 
@@ -473,7 +477,7 @@ impl Worker {
                 for i in 0..self.slots.len() {
                     self.finish_round(i)?;
                 }
-                return Ok(());
+                return self.writer.drain();
             };
             match item {
                 BlockIn::Block(b) => self.take_block(b)?,
@@ -492,174 +496,136 @@ impl Worker {
             .slots
             .get_mut(i)
             .ok_or_else(|| fail(ErrorCode::UnexpectedMessage, format!("no slot {}", b.slot)))?;
-        let expected_len = s.geometry.block_len(b.block) as usize;
-        let at = s.round.data.len();
+        let t = &s.target;
+        let expected_len = t.geometry.block_len(b.block) as usize;
+        let at = s.round.filled;
+        let too_long = || {
+            fail(
+                ErrorCode::DigestMismatch,
+                format!(
+                    "target {}: block {} is longer than the round has room for",
+                    t.id, b.block
+                ),
+            )
+        };
         let zero = match b.encoding {
             Encoding::Zero => {
-                if b.digest != s.zeros.for_block(b.block) {
+                if b.digest != t.zeros.for_block(b.block) {
                     return Err(fail(
                         ErrorCode::DigestMismatch,
                         format!(
                             "target {}: zero block {} carries a non-zero digest",
-                            s.id, b.block
+                            t.id, b.block
                         ),
                     ));
                 }
                 true
             }
             Encoding::Raw => {
-                s.round.data.extend_from_slice(&b.payload);
+                s.round
+                    .room(b.payload.len())
+                    .ok_or_else(too_long)?
+                    .copy_from_slice(&b.payload);
+                s.round.filled += b.payload.len();
                 false
             }
             Encoding::Zstd => {
-                let bytes = zstd::bulk::decompress(&b.payload, expected_len).map_err(|e| {
+                // Straight into the round's buffer, with one reused context.
+                let undecodable = |e: std::io::Error| {
                     fail(
                         ErrorCode::DigestMismatch,
                         format!(
                             "target {}: block {} does not decompress: {e}",
-                            s.id, b.block
+                            t.id, b.block
                         ),
                     )
-                })?;
-                s.round.data.extend_from_slice(&bytes);
+                };
+                let dctx = match &mut self.decompressor {
+                    Some(d) => d,
+                    None => self
+                        .decompressor
+                        .insert(zstd::bulk::Decompressor::new().map_err(undecodable)?),
+                };
+                let room = s.round.room(expected_len).ok_or_else(too_long)?;
+                s.round.filled += dctx
+                    .decompress_to_buffer(&b.payload, room)
+                    .map_err(undecodable)?;
                 false
             }
         };
         if !zero {
-            let bytes = &s.round.data[at..];
+            let bytes = &s.round.data[at..s.round.filled];
             if bytes.len() != expected_len || Digest::of(bytes) != b.digest {
                 return Err(fail(
                     ErrorCode::DigestMismatch,
                     format!(
                         "target {}: block {} from the controller does not match its digest; nothing of it was written",
-                        s.id, b.block
+                        t.id, b.block
                     ),
                 ));
             }
         }
-        s.round.blocks.push((b.block, at, zero));
+        s.round.blocks.push(RoundBlock {
+            block: b.block,
+            at,
+            zero,
+            digest: b.digest,
+        });
         s.received += 1;
         self.counters[i]
             .received_blocks
             .fetch_add(1, Ordering::Relaxed);
-        if s.round.data.len() as u64 >= self.verify_bytes || s.round.blocks.len() >= 8192 {
+        if s.round.filled as u64 >= self.verify_bytes || s.round.blocks.len() >= 8192 {
             self.finish_round(i)?;
         }
         Ok(())
     }
 
-    /// Writes the buffered round of slot `i`, flushes, re-reads, verifies
-    /// and records it in the map.
+    /// Hands the buffered round of slot `i` to the writer thread.
     fn finish_round(&mut self, i: usize) -> Result<(), PassFailure> {
         let s = &mut self.slots[i];
         if s.round.blocks.is_empty() {
             return Ok(());
         }
-        let round = std::mem::take(&mut s.round);
-        let g = s.geometry;
-        let Some(map) = s.map.as_mut() else {
-            return Err(fail(
-                ErrorCode::Internal,
-                format!("target {}: no map", s.id),
-            ));
+        let capacity = s.round.data.len();
+        let next = match self.writer.spare_buffer() {
+            Some(buf) if buf.len() == capacity => Round::reusing(buf),
+            _ => Round::new(capacity),
         };
-        let id = s.id.clone();
-        let werr = |e: SourceError| fail(ErrorCode::TargetUnwritable, format!("target {id}: {e}"));
-        let numbers: Vec<u64> = round.blocks.iter().map(|&(b, _, _)| b).collect();
-        map.invalidate(&numbers)
-            .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
-
-        // Write: runs of adjacent data blocks in one write, runs of zero
-        // blocks in one zeroing.
-        let mut written_bytes = 0u64;
-        for run in runs(&round.blocks) {
-            let (b0, at0, zero) = round.blocks[run.start];
-            let b_end = round.blocks[run.end - 1].0 + 1;
-            let offset = g.offset(b0);
-            let len = end_byte(&g, b_end) - offset;
-            if zero {
-                s.disk.write_zeroes(offset, len).map_err(werr)?;
-            } else {
-                s.disk
-                    .write_all_at(&round.data[at0..at0 + len as usize], offset)
-                    .map_err(werr)?;
-            }
-            written_bytes += len;
-        }
-        s.disk.flush().map_err(werr)?;
-        let c = &self.counters[i];
-        c.written_blocks
-            .fetch_add(round.blocks.len() as u64, Ordering::Relaxed);
-        c.written_bytes.fetch_add(written_bytes, Ordering::Relaxed);
-
-        // Verify: re-read every run from the target itself.
-        let mut buf = Vec::new();
-        for run in runs(&round.blocks) {
-            let b0 = round.blocks[run.start].0;
-            let b_end = round.blocks[run.end - 1].0 + 1;
-            let offset = g.offset(b0);
-            s.disk.forget_cached(offset, end_byte(&g, b_end) - offset);
-            let got =
-                hash_blocks(s.disk.as_ref(), &g, &s.zeros, b0, b_end, &mut buf).map_err(|e| {
-                    fail(
-                        ErrorCode::VerifyFailed,
-                        format!("target {}: re-read failed: {e}", s.id),
-                    )
-                })?;
-            for (k, &(b, at, zero)) in round.blocks[run.clone()].iter().enumerate() {
-                let want = if zero {
-                    s.zeros.for_block(b)
-                } else {
-                    Digest::of(&round.data[at..at + g.block_len(b) as usize])
-                };
-                if got[k] != want {
-                    return Err(fail(
-                        ErrorCode::VerifyFailed,
-                        format!(
-                            "target {} ({}): block {b} reads back as {} after writing {}",
-                            s.id, s.location, got[k], want
-                        ),
-                    ));
-                }
-                map.set(b, &want);
-            }
-        }
-        let stamp = TargetStamp::of(std::path::Path::new(&s.location), s.disk.size());
-        map.seal_header(stamp, true)
-            .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
-        c.verified_blocks
-            .fetch_add(round.blocks.len() as u64, Ordering::Relaxed);
-        Ok(())
+        let round = std::mem::replace(&mut s.round, next);
+        self.writer.submit(s.target.clone(), i, round)
     }
 
     fn finish_slot(&mut self, i: usize, sent_blocks: u64) -> Result<(), PassFailure> {
         self.finish_round(i)?;
+        self.writer.drain()?;
         let s = &self.slots[i];
+        let t = &s.target;
         if s.received != sent_blocks {
             return Err(fail(
                 ErrorCode::Internal,
                 format!(
                     "target {}: controller sent {sent_blocks} blocks, {} arrived",
-                    s.id, s.received
+                    t.id, s.received
                 ),
             ));
         }
-        let Some(map) = &s.map else {
-            return Err(fail(
-                ErrorCode::Internal,
-                format!("target {}: no map", s.id),
-            ));
+        let root = {
+            let map = t.map();
+            let map = map
+                .as_ref()
+                .ok_or_else(|| fail(ErrorCode::Internal, format!("target {}: no map", t.id)))?;
+            map.root().ok_or_else(|| {
+                fail(
+                    ErrorCode::VerifyFailed,
+                    format!(
+                        "target {}: {} blocks of the target are still unknown after the pass",
+                        t.id,
+                        map.unknown_blocks()
+                    ),
+                )
+            })?
         };
-        let root = map.root().ok_or_else(|| {
-            fail(
-                ErrorCode::VerifyFailed,
-                format!(
-                    "target {}: {} blocks of the target are still unknown after the pass",
-                    s.id,
-                    map.unknown_blocks()
-                ),
-            )
-        })?;
         let c = &self.counters[i];
         let done = FailbackDone {
             slot: i as u16,
@@ -668,60 +634,12 @@ impl Worker {
             root,
         };
         info!(
-            target = %s.id,
+            target = %t.id,
             written = done.written_blocks,
             verified = done.verified_blocks,
             root = %root,
             "failback target written and verified"
         );
         self.send(PassItem::Done(done))
-    }
-}
-
-/// Byte offset where block `end` starts (the disk size past the last).
-fn end_byte(g: &Geometry, end: u64) -> u64 {
-    if end < g.block_count {
-        g.offset(end)
-    } else {
-        g.disk_size
-    }
-}
-
-/// Index ranges of `blocks` that form runs: consecutive block numbers of
-/// the same kind. Data blocks are appended to the round buffer in arrival
-/// order, so a run of data blocks is also contiguous in the buffer.
-fn runs(blocks: &[(u64, usize, bool)]) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    for k in 1..=blocks.len() {
-        let breaks = k == blocks.len() || {
-            let (prev, _, prev_zero) = blocks[k - 1];
-            let (b, _, zero) = blocks[k];
-            b != prev + 1 || zero != prev_zero
-        };
-        if breaks {
-            out.push(start..k);
-            start = k;
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_split_on_gaps_and_kind_changes() {
-        let blocks = [
-            (1, 0, false),
-            (2, 10, false),
-            (3, 0, true),
-            (4, 0, true),
-            (6, 20, false),
-            (7, 30, false),
-        ];
-        assert_eq!(runs(&blocks), vec![0..2, 2..4, 4..6]);
-        assert!(runs(&[]).is_empty());
     }
 }

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
 
+use crate::source::aligned::is_direct_aligned;
 use crate::source::{is_nbd_uri, DiskSource, NbdDisk, RawDisk, SourceError};
 
 /// A disk a failback pass may write.
@@ -31,9 +32,47 @@ pub trait WritableDisk: DiskSource {
     /// the verifying re-read comes from the target, not from memory.
     fn forget_cached(&self, _offset: u64, _len: u64) {}
 
+    /// Starts writing `[offset, offset + len)` back to the device without
+    /// waiting, so that the flush that follows has less left to do.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
+
+    /// `O_DIRECT` access to the same target (raw files and devices whose
+    /// file system allows it); `None`: everything goes through this handle.
+    fn direct(&self) -> Option<DirectIo> {
+        None
+    }
+
     /// Whether this target can tell if it is mounted or in use.
     fn is_block_device(&self) -> bool {
         false
+    }
+}
+
+/// A raw target's second descriptor, opened with `O_DIRECT`: aligned
+/// writes go from the caller's buffer to the device without a copy into
+/// the page cache, and re-reads come from the device.
+pub struct DirectIo(RawDisk);
+
+impl DirectIo {
+    /// Writes `buf` at `offset` around the page cache when the buffer's
+    /// address, the offset and the length are aligned
+    /// ([`is_direct_aligned`]); `Ok(false)`, nothing written, when not.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<bool, SourceError> {
+        use std::os::unix::fs::FileExt;
+        if !is_direct_aligned(buf.as_ptr(), offset, buf.len()) {
+            return Ok(false);
+        }
+        self.0
+            .file()
+            .write_all_at(buf, offset)
+            .map_err(|e| write_err(self.0.describe(), offset, e))?;
+        Ok(true)
+    }
+
+    /// Reads from the device (any alignment: unaligned reads go through a
+    /// bounce buffer).
+    pub fn reader(&self) -> &dyn DiskSource {
+        &self.0
     }
 }
 
@@ -122,6 +161,26 @@ impl WritableDisk for RawDisk {
             len,
             PosixFadviseAdvice::POSIX_FADV_DONTNEED,
         );
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: the descriptor is open; the call only schedules writeback
+        // of the range. Failure only means the flush does all the work.
+        unsafe {
+            libc::sync_file_range(
+                self.file().as_raw_fd(),
+                off,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+
+    fn direct(&self) -> Option<DirectIo> {
+        self.reopen_direct().map(DirectIo)
     }
 
     fn is_block_device(&self) -> bool {

@@ -234,6 +234,31 @@ impl RawDisk {
         Ok(())
     }
 
+    /// A second descriptor of the same file, for reading and writing
+    /// around the page cache (`O_DIRECT`, opened through `/proc/self/fd` so
+    /// it is the same inode even if the path changed); `None` where the file
+    /// system refuses `O_DIRECT`. Failback writes and re-reads through it.
+    /// Its reads accept any alignment (see the module doc); its writes must
+    /// be aligned.
+    pub fn reopen_direct(&self) -> Option<RawDisk> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(proc_path)
+            .ok()?;
+        let mut disk = RawDisk::from_file(Path::new(&self.name), file).ok()?;
+        disk.direct = true;
+        // Some file systems accept the flag at open and refuse the I/O.
+        if disk.size >= DIRECT_ALIGN as u64 {
+            let mut probe = AlignedBuf::zeroed(DIRECT_ALIGN);
+            disk.file.read_at(&mut probe, 0).ok()?;
+        }
+        Some(disk)
+    }
+
     /// Whether this is a block device (rather than an image file).
     pub fn is_block_device(&self) -> bool {
         self.block_device
