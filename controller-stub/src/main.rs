@@ -419,112 +419,106 @@ fn failback_line(s: &Value) -> String {
     )
 }
 
-fn wait_for_plan(socket: &Path, run: u64) -> Result<()> {
+/// Polls `path` on the admin socket until its `state` is `done` (prints
+/// the final document) or `failed` (prints it and fails with its `error`),
+/// printing `line(doc)` to stderr whenever it changes.
+fn wait_until_finished(
+    socket: &Path,
+    path: &str,
+    what: &str,
+    mut line: impl FnMut(&Value) -> String,
+) -> Result<()> {
     let mut last_line = String::new();
     loop {
-        let r = admin(socket, "GET", &format!("/v1/plans/{run}"), None)?;
-        let parts: Vec<String> = r["devices"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|d| {
-                format!(
-                    "{} (rank {}, {}) {}",
-                    d["name"].as_str().unwrap_or("?"),
-                    d["rank"],
-                    d["agent"].as_str().unwrap_or("?"),
-                    d["state"].as_str().unwrap_or("?")
-                )
-            })
-            .collect();
-        let line = format!(
-            "plan run {run} {}: {}",
-            r["state"].as_str().unwrap_or("?"),
-            parts.join(", ")
-        );
-        if line != last_line {
-            eprintln!("{line}");
-            last_line = line;
+        let doc = admin(socket, "GET", path, None)?;
+        let now = line(&doc);
+        if now != last_line {
+            eprintln!("{now}");
+            last_line = now;
         }
-        match r["state"].as_str() {
-            Some("done") => return print(r),
+        match doc["state"].as_str() {
+            Some("done") => return print(doc),
             Some("failed") => {
-                print(r.clone())?;
-                bail!("plan run {run} failed");
+                let error = doc["error"].as_str().unwrap_or("unknown error").to_owned();
+                print(doc)?;
+                bail!("{what} failed: {error}");
             }
             _ => std::thread::sleep(Duration::from_millis(250)),
         }
     }
 }
 
+fn wait_for_plan(socket: &Path, run: u64) -> Result<()> {
+    wait_until_finished(
+        socket,
+        &format!("/v1/plans/{run}"),
+        &format!("plan run {run}"),
+        |r| {
+            let parts: Vec<String> = r["devices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|d| {
+                    format!(
+                        "{} (rank {}, {}) {}",
+                        d["name"].as_str().unwrap_or("?"),
+                        d["rank"],
+                        d["agent"].as_str().unwrap_or("?"),
+                        d["state"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
+            format!(
+                "plan run {run} {}: {}",
+                r["state"].as_str().unwrap_or("?"),
+                parts.join(", ")
+            )
+        },
+    )
+}
+
 fn wait_for_failback(socket: &Path, session: u64) -> Result<()> {
-    let mut last_line = String::new();
-    loop {
-        let s = admin(socket, "GET", &format!("/v1/failback/{session}"), None)?;
-        let line = failback_line(&s);
-        if line != last_line {
-            eprintln!("{line}");
-            last_line = line;
-        }
-        match s["state"].as_str() {
-            Some("done") => return print(s),
-            Some("failed") => {
-                print(s.clone())?;
-                bail!(
-                    "failback pass {session} failed: {}",
-                    s["error"].as_str().unwrap_or("unknown error")
-                );
-            }
-            _ => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
+    wait_until_finished(
+        socket,
+        &format!("/v1/failback/{session}"),
+        &format!("failback pass {session}"),
+        failback_line,
+    )
 }
 
 fn wait_for_session(socket: &Path, session: u64) -> Result<()> {
     let started = Instant::now();
-    let mut last_line = String::new();
-    loop {
-        let s = admin(socket, "GET", &format!("/v1/sessions/{session}"), None)?;
-        let state = s["state"].as_str().unwrap_or("?").to_owned();
-        let mut parts = Vec::new();
-        for d in s["disks"].as_array().into_iter().flatten() {
-            let total = d["block_count"].as_u64().unwrap_or(0);
-            let at = d["scanned_block"].as_u64().unwrap_or(0);
-            let pct = if total > 0 {
-                at as f64 * 100.0 / total as f64
-            } else {
-                0.0
-            };
-            parts.push(format!(
-                "{} {:.0}% ({} blocks sent)",
-                d["disk"].as_str().unwrap_or("?"),
-                if d["committed"].is_null() { pct } else { 100.0 },
-                d["blocks_received"].as_u64().unwrap_or(0)
-            ));
-        }
-        let mib = s["wire_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        let line = format!(
-            "session {session} {state}: {} | {mib:.1} MiB on the wire, {:.1} MiB/s",
-            parts.join(", "),
-            mib / secs
-        );
-        if line != last_line {
-            eprintln!("{line}");
-            last_line = line;
-        }
-        match state.as_str() {
-            "done" => return print(s),
-            "failed" => {
-                print(s.clone())?;
-                bail!(
-                    "session {session} failed: {}",
-                    s["error"].as_str().unwrap_or("unknown error")
-                );
+    wait_until_finished(
+        socket,
+        &format!("/v1/sessions/{session}"),
+        &format!("session {session}"),
+        |s| {
+            let mut parts = Vec::new();
+            for d in s["disks"].as_array().into_iter().flatten() {
+                let total = d["block_count"].as_u64().unwrap_or(0);
+                let at = d["scanned_block"].as_u64().unwrap_or(0);
+                let pct = if total > 0 {
+                    at as f64 * 100.0 / total as f64
+                } else {
+                    0.0
+                };
+                parts.push(format!(
+                    "{} {:.0}% ({} blocks sent)",
+                    d["disk"].as_str().unwrap_or("?"),
+                    if d["committed"].is_null() { pct } else { 100.0 },
+                    d["blocks_received"].as_u64().unwrap_or(0)
+                ));
             }
-            _ => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
+            let mib = s["wire_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            format!(
+                "session {session} {}: {} | {mib:.1} MiB on the wire, {:.1} MiB/s",
+                s["state"].as_str().unwrap_or("?"),
+                parts.join(", "),
+                mib / secs
+            )
+        },
+    )
 }
 
 fn ca(c: &CaCommand) -> Result<()> {
