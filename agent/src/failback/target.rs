@@ -56,17 +56,19 @@ pub struct DirectIo(RawDisk);
 impl DirectIo {
     /// Writes `buf` at `offset` around the page cache when the buffer's
     /// address, the offset and the length are aligned
-    /// ([`is_direct_aligned`]); `Ok(false)`, nothing written, when not.
+    /// ([`is_direct_aligned`]); `Ok(false)` when not, or when the file
+    /// system refuses the direct write (`EINVAL`), so that the caller
+    /// writes through the page cache instead.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<bool, SourceError> {
         use std::os::unix::fs::FileExt;
         if !is_direct_aligned(buf.as_ptr(), offset, buf.len()) {
             return Ok(false);
         }
-        self.0
-            .file()
-            .write_all_at(buf, offset)
-            .map_err(|e| write_err(self.0.describe(), offset, e))?;
-        Ok(true)
+        match self.0.file().write_all_at(buf, offset) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(e) => Err(write_err(self.0.describe(), offset, e)),
+        }
     }
 
     /// Reads from the device (any alignment: unaligned reads go through a
@@ -199,5 +201,44 @@ impl WritableDisk for NbdDisk {
 
     fn flush(&self) -> Result<(), SourceError> {
         Ok(NbdDisk::flush(self)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::AlignedBuf;
+
+    #[test]
+    fn direct_writes_take_aligned_runs_and_leave_the_rest_to_the_page_cache() {
+        // tempfile's default directory may be a tmpfs that refuses O_DIRECT;
+        // the working directory of `cargo test` is on a disk.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("t.raw");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(64 * 1024)
+            .unwrap();
+        let disk = RawDisk::open_writable(&path, false).unwrap();
+        let Some(direct) = WritableDisk::direct(&disk) else {
+            eprintln!("this file system refuses O_DIRECT; nothing to test");
+            return;
+        };
+        let mut buf = AlignedBuf::zeroed(8192);
+        buf.fill(0x5a);
+        assert!(direct.write_at(&buf, 4096).unwrap(), "aligned: written");
+        assert!(!direct.write_at(&buf[..100], 4096).unwrap(), "short length");
+        assert!(
+            !direct.write_at(&buf[1..4097], 0).unwrap(),
+            "unaligned address"
+        );
+        assert!(
+            !direct.write_at(&buf[..4096], 100).unwrap(),
+            "unaligned offset"
+        );
+        let mut back = vec![0u8; 3 * 4096];
+        direct.reader().read_exact_at(&mut back, 0).unwrap();
+        assert!(back[..4096].iter().all(|&x| x == 0));
+        assert!(back[4096..].iter().all(|&x| x == 0x5a));
     }
 }
