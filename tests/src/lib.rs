@@ -9,6 +9,7 @@
 
 pub mod appliance;
 pub mod proxy;
+pub mod service;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};

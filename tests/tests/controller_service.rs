@@ -4,13 +4,11 @@
 //! (`Type=notify`, `WatchdogSec=`) expects.
 
 use anyhow::{bail, Result};
-use serde_json::Value;
 use std::fs::File;
-use std::net::UdpSocket;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tideline_agent::gelf::Reassembler;
+use tideline_tests::service::{wait_for_notification, GelfReceiver};
 use tideline_tests::*;
 
 /// The controller process, killed if the test fails before SIGTERM.
@@ -23,55 +21,14 @@ impl Drop for Controller {
     }
 }
 
-/// Collects notifications until one satisfies `want` (or times out).
-fn wait_for(
-    sock: &UnixDatagram,
-    seen: &mut Vec<String>,
-    want: impl Fn(&str) -> bool,
-    what: &str,
-) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        if let Ok(n) = sock.recv(&mut buf) {
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let hit = want(&msg);
-            seen.push(msg.clone());
-            if hit {
-                return Ok(msg);
-            }
-        }
-    }
-    bail!("no notification with {what}; received: {seen:#?}")
-}
-
-/// GELF messages received until one has `short_message == wanted`.
-fn wait_for_gelf(receiver: &UdpSocket, messages: &mut Vec<Value>, wanted: &str) -> Result<Value> {
-    let mut reassembler = Reassembler::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut buf = vec![0u8; 65536];
-    while Instant::now() < deadline {
-        if let Some(m) = messages.iter().find(|m| m["short_message"] == wanted) {
-            return Ok(m.clone());
-        }
-        if let Ok(n) = receiver.recv(&mut buf) {
-            if let Some(payload) = reassembler.push(&buf[..n]) {
-                messages.push(serde_json::from_slice(&payload)?);
-            }
-        }
-    }
-    bail!("no GELF message {wanted:?} among {messages:#?}")
-}
-
 #[test]
 fn controller_tells_systemd_and_graylog_what_it_does() -> Result<()> {
     let mut w = World::new(&["cs"])?;
     let notify_path = w.path("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
     notify.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let receiver = UdpSocket::bind("127.0.0.1:0")?;
-    receiver.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let gelf_port = receiver.local_addr()?.port();
+    let gelf = GelfReceiver::start(Instant::now())?;
+    let gelf_port = gelf.port;
 
     let cfg = w.path("controller.toml");
     std::fs::write(
@@ -100,7 +57,7 @@ fn controller_tells_systemd_and_graylog_what_it_does() -> Result<()> {
 
     // READY=1 comes with the first status, once the admin socket answers.
     let mut seen = Vec::new();
-    let ready = wait_for(&notify, &mut seen, |m| m.contains("READY=1"), "READY=1")?;
+    let ready = wait_for_notification(&notify, &mut seen, |m| m.contains("READY=1"), "READY=1")?;
     assert!(
         ready.contains("STATUS=0 agents connected, 0 sessions running"),
         "{ready:?}"
@@ -114,7 +71,7 @@ fn controller_tells_systemd_and_graylog_what_it_does() -> Result<()> {
     // Pings at half of WATCHDOG_USEC: several within a second.
     let started = Instant::now();
     for _ in 0..3 {
-        wait_for(
+        wait_for_notification(
             &notify,
             &mut seen,
             |m| m.contains("WATCHDOG=1"),
@@ -136,7 +93,7 @@ fn controller_tells_systemd_and_graylog_what_it_does() -> Result<()> {
     }];
     w.start_agent("cs", &disks, "")?;
     w.wait_connected("cs")?;
-    wait_for(
+    wait_for_notification(
         &notify,
         &mut seen,
         |m| m.contains("STATUS=1 agents connected"),
@@ -144,8 +101,7 @@ fn controller_tells_systemd_and_graylog_what_it_does() -> Result<()> {
     )?;
 
     // The controller's logs arrive as GELF, with its fields.
-    let mut messages = Vec::new();
-    let accepting = wait_for_gelf(&receiver, &mut messages, "accepting agents")?;
+    let (_, accepting) = gelf.wait_for("accepting agents", Duration::from_secs(20))?;
     assert_eq!(accepting["version"], "1.1");
     assert_eq!(accepting["level"], 6);
     assert_eq!(accepting["_component"], "controller");
@@ -166,7 +122,7 @@ fn controller_tells_systemd_and_graylog_what_it_does() -> Result<()> {
     unsafe {
         libc::kill(ctl.0.id() as libc::pid_t, libc::SIGTERM);
     }
-    wait_for(
+    wait_for_notification(
         &notify,
         &mut seen,
         |m| m.contains("STOPPING=1"),
@@ -183,6 +139,6 @@ fn controller_tells_systemd_and_graylog_what_it_does() -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "controller exit status {status:?}");
-    wait_for_gelf(&receiver, &mut messages, "shutting down")?;
+    gelf.wait_for("shutting down", Duration::from_secs(20))?;
     Ok(())
 }

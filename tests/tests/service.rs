@@ -1,35 +1,12 @@
 //! The agent as a service: systemd notifications over a real NOTIFY_SOCKET,
 //! SIGTERM, and GELF log messages over UDP.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::Value;
-use std::net::UdpSocket;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
-use tideline_agent::gelf::Reassembler;
+use tideline_tests::service::{wait_for_notification, GelfReceiver};
 use tideline_tests::*;
-
-/// Collects notifications until one satisfies `want` (or times out).
-fn wait_for(
-    sock: &UnixDatagram,
-    seen: &mut Vec<String>,
-    want: impl Fn(&str) -> bool,
-    what: &str,
-) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        if let Ok(n) = sock.recv(&mut buf) {
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let hit = want(&msg);
-            seen.push(msg);
-            if hit {
-                return Ok(());
-            }
-        }
-    }
-    bail!("no notification with {what}; received: {seen:#?}")
-}
 
 #[test]
 fn systemd_sees_ready_status_watchdog_and_stopping() -> Result<()> {
@@ -54,8 +31,8 @@ fn systemd_sees_ready_status_watchdog_and_stopping() -> Result<()> {
     // No controller yet: the agent is ready all the same, and says it is
     // reconnecting.
     let mut seen = Vec::new();
-    wait_for(&notify, &mut seen, |m| m.contains("READY=1"), "READY=1")?;
-    wait_for(
+    wait_for_notification(&notify, &mut seen, |m| m.contains("READY=1"), "READY=1")?;
+    wait_for_notification(
         &notify,
         &mut seen,
         |m| m.contains("STATUS=reconnecting"),
@@ -63,21 +40,21 @@ fn systemd_sees_ready_status_watchdog_and_stopping() -> Result<()> {
     )?;
     w.start_controller()?;
     w.wait_connected("svc")?;
-    wait_for(
+    wait_for_notification(
         &notify,
         &mut seen,
         |m| m.starts_with("STATUS=connected"),
         "a connected status",
     )?;
     w.sync("svc")?;
-    wait_for(&notify, &mut seen, |m| m == "WATCHDOG=1", "watchdog pings")?;
+    wait_for_notification(&notify, &mut seen, |m| m == "WATCHDOG=1", "watchdog pings")?;
 
     let status = w.signal_agent("svc", libc::SIGTERM, Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),
         "agent did not exit cleanly on SIGTERM: {status:?}"
     );
-    wait_for(
+    wait_for_notification(
         &notify,
         &mut seen,
         |m| m.contains("STOPPING=1"),
@@ -91,9 +68,8 @@ fn logs_reach_a_gelf_receiver_with_their_fields() -> Result<()> {
     let mut w = World::new(&["loud"])?;
     w.start_controller()?;
     make_image(&w.path("d.raw"), 8 << 20, 92)?;
-    let receiver = UdpSocket::bind("127.0.0.1:0")?;
-    receiver.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let port = receiver.local_addr()?.port();
+    let gelf = GelfReceiver::start(Instant::now())?;
+    let port = gelf.port;
     let disks = [DiskSpec {
         id: "data".into(),
         path: w.path("d.raw"),
@@ -105,25 +81,8 @@ fn logs_reach_a_gelf_receiver_with_their_fields() -> Result<()> {
     w.wait_connected("loud")?;
     w.sync("loud")?;
 
-    let mut reassembler = Reassembler::new();
-    let mut messages: Vec<Value> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut buf = vec![0u8; 65536];
-    while Instant::now() < deadline
-        && !messages
-            .iter()
-            .any(|m| m["short_message"] == "point committed")
-    {
-        if let Ok(n) = receiver.recv(&mut buf) {
-            if let Some(payload) = reassembler.push(&buf[..n]) {
-                messages.push(serde_json::from_slice(&payload)?);
-            }
-        }
-    }
-    let committed = messages
-        .iter()
-        .find(|m| m["short_message"] == "point committed")
-        .unwrap_or_else(|| panic!("no 'point committed' message among {messages:#?}"));
+    let (_, committed) = gelf.wait_for("point committed", Duration::from_secs(10))?;
+    let messages: Vec<Value> = gelf.messages().into_iter().map(|(_, m)| m).collect();
     assert_eq!(committed["version"], "1.1");
     assert_eq!(committed["level"], 6);
     assert_eq!(committed["_disk"], "data");
