@@ -8,19 +8,19 @@
 //!                                          describe each target, in slot order:
 //!  TargetChunk/TargetEnd ◀── PassItem ───   map of the last pass, or a scan
 //!  Block, FailbackSent ──── BlockIn ────▶  decode, check digest, buffer a round;
-//!                                          per round: mark map entries unknown,
-//!                                          write, hand it to the verifier
-//!                                          thread (flush, re-read, compare,
-//!                                          record digests in the map: see
-//!                                          `round.rs`)
+//!                                          a full round goes to the writer
+//!                                          thread (mark map entries unknown,
+//!                                          write, flush, re-read, compare,
+//!                                          record digests: see `round.rs`)
 //!  FailbackProgress ◀── counters (1/s)
 //!  FailbackDone ◀────────── PassItem ────  root of the map == point root?
 //! ```
 //!
 //! Both channels are bounded: a slow target holds the connection task back,
 //! which stops reading the socket, which holds the controller back. After a
-//! dropped link or a shutdown the thread finishes its round (flush and
-//! verify) so that what it wrote is recorded in the map, then stops.
+//! dropped link or a shutdown the thread hands over its round and waits
+//! until the writer has written and verified it, so that what it wrote is
+//! recorded in the map, then stops.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -238,29 +238,26 @@ pub(super) fn verify(t: &Target, round: &Round, scratch: &mut [u8]) -> Result<()
 }
 
 /// The failure for a re-read piece (`read`, at byte `at`) that differs from
-/// what was written: names the first block whose digest differs.
+/// what was written: names the first block wholly inside the piece whose
+/// digest differs, else the piece's offset (a block split across two
+/// pieces is not hashed).
 fn mismatch(t: &Target, run: &[RoundBlock], at: u64, read: &[u8]) -> PassFailure {
     let g = &t.geometry;
+    let piece_end = at + read.len() as u64;
     for b in run {
         let (start, end) = (g.offset(b.block), end_byte(g, b.block + 1));
-        if end <= at || start >= at + read.len() as u64 {
+        if start < at || end > piece_end {
             continue;
         }
-        // A block split across two pieces is judged by the part in this one.
-        let lo = start.max(at);
-        let hi = end.min(at + read.len() as u64);
-        let part = &read[(lo - at) as usize..(hi - at) as usize];
-        if start >= at && end <= at + read.len() as u64 {
-            let got = Digest::of(part);
-            if got != b.digest {
-                return fail(
-                    ErrorCode::VerifyFailed,
-                    format!(
-                        "target {} ({}): block {} reads back as {got} after writing {}",
-                        t.id, t.location, b.block, b.digest
-                    ),
-                );
-            }
+        let got = Digest::of(&read[(start - at) as usize..(end - at) as usize]);
+        if got != b.digest {
+            return fail(
+                ErrorCode::VerifyFailed,
+                format!(
+                    "target {} ({}): block {} reads back as {got} after writing {}",
+                    t.id, t.location, b.block, b.digest
+                ),
+            );
         }
     }
     fail(
@@ -423,7 +420,7 @@ mod tests {
     use crate::source::{DiskSource, RawDisk, SourceError};
 
     /// A raw file whose reads come back with one byte flipped at `flip`
-    /// (a target that loses a write), for the verifier's failure path.
+    /// (a target that loses a write), for the writer's failure path.
     struct LosesAWrite {
         inner: RawDisk,
         flip: Option<u64>,

@@ -613,7 +613,8 @@ impl Driver {
                         session,
                         fatal: false,
                         message: format!(
-                            "the failback pass stopped after {} of {} targets",
+                            "the failback pass into {} stopped after {} of {} targets",
+                            p.targets.join(", "),
                             p.done_slots,
                             p.targets.len()
                         ),
