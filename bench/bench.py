@@ -521,7 +521,7 @@ class Cluster:
             if s["state"] in ("done", "failed"):
                 break
             d = s["disks"][0] if s["disks"] else {}
-            if scanned is None and d.get("block_count") and d.get("scanned_block") == d["block_count"]:
+            if scanned is None and d.get("block_count") and d.get("scanned", {}).get("block") == d["block_count"]:
                 scanned = s["elapsed_secs"]
             if time.perf_counter() - t0 > timeout:
                 raise SystemExit(f"session {session} still {s['state']} after {timeout}s")

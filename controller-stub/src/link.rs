@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use tideline_protocol::frame::FrameBuffer;
 use tideline_protocol::limits::MAX_INDEX_CHUNK;
 use tideline_protocol::message::{
-    BaseRef, Committed, ErrorCode, IndexChunk, Message, StartSync, SyncDisk,
+    BaseRef, Committed, ErrorCode, IndexChunk, Message, Position, StartSync, SyncDisk,
 };
 use tideline_protocol::session::controller::{
     ControllerEvent, ControllerHandshake, ControllerLink,
@@ -242,7 +242,7 @@ struct Attached {
     /// Slot of the current StartSync → disk index of the original request.
     slot_disk: Vec<usize>,
     /// Resume position of each slot in the current StartSync.
-    slot_resume: Vec<u64>,
+    slot_resume: Vec<Position>,
 }
 
 struct AgentConn {
@@ -437,15 +437,15 @@ impl AgentConn {
                 id: d.id.clone(),
                 point,
                 base,
-                resume_from: 0,
+                resume_from: Position::default(),
             });
             progress.push(DiskProgress {
                 disk: d.id.clone(),
                 point,
                 base: base.map(|b| b.point),
                 block_count: 0,
-                acked_block: 0,
-                scanned_block: 0,
+                acked: Position::default(),
+                scanned: Position::default(),
                 blocks_received: 0,
                 payload_bytes: 0,
                 stored_bytes: 0,
@@ -478,7 +478,7 @@ impl AgentConn {
             }
         }
         let slot_disk = (0..request.disks.len()).collect();
-        let slot_resume = vec![0; request.disks.len()];
+        let slot_resume = vec![Position::default(); request.disks.len()];
         self.session = Some(Attached {
             slot_resume,
             active: ActiveSession {
@@ -518,7 +518,7 @@ impl AgentConn {
                 .filter(|(i, _)| s.disks[*i].committed.is_none())
                 .map(|(i, d)| {
                     let mut d = d.clone();
-                    d.resume_from = s.disks[i].acked_block;
+                    d.resume_from = s.disks[i].acked;
                     (d, i)
                 })
                 .unzip()
@@ -651,13 +651,13 @@ impl AgentConn {
                 let disk = self.disk_of(b.slot)?;
                 self.write(WriteCmd::Block { disk, block: b })?;
             }
-            ControllerEvent::Checkpoint { slot, next_block } => {
+            ControllerEvent::Checkpoint { slot, at } => {
                 let disk = self.disk_of(slot)?;
-                self.write(WriteCmd::Checkpoint {
-                    disk,
-                    slot,
-                    next_block,
-                })?;
+                self.write(WriteCmd::Checkpoint { disk, slot, at })?;
+            }
+            ControllerEvent::Round { slot, round } => {
+                let disk = self.disk_of(slot)?;
+                self.write(WriteCmd::Round { disk, round })?;
             }
             ControllerEvent::DiskEnd(end) => {
                 let disk = self.disk_of(end.slot)?;
@@ -665,6 +665,7 @@ impl AgentConn {
                     disk,
                     slot: end.slot,
                     root: end.root,
+                    consistency: end.consistency,
                 })?;
             }
             ControllerEvent::FailbackReady(_)
@@ -754,10 +755,8 @@ impl AgentConn {
             return Ok(());
         };
         match reply {
-            WriteReply::Acked {
-                slot, next_block, ..
-            } => {
-                self.link.send_ack(slot, next_block)?;
+            WriteReply::Acked { slot, at, .. } => {
+                self.link.send_ack(slot, at)?;
             }
             WriteReply::Committed {
                 slot,

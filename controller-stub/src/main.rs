@@ -496,14 +496,21 @@ fn wait_for_session(socket: &Path, session: u64) -> Result<()> {
             let mut parts = Vec::new();
             for d in s["disks"].as_array().into_iter().flatten() {
                 let total = d["block_count"].as_u64().unwrap_or(0);
-                let at = d["scanned_block"].as_u64().unwrap_or(0);
+                let at = d["scanned"]["block"].as_u64().unwrap_or(0);
+                let round = d["scanned"]["round"].as_u64().unwrap_or(0);
                 let pct = if total > 0 {
                     at as f64 * 100.0 / total as f64
                 } else {
                     0.0
                 };
+                // Rounds after the first copy again what changed meanwhile.
+                let round = if round > 0 && d["committed"].is_null() {
+                    format!(" round {round}")
+                } else {
+                    String::new()
+                };
                 parts.push(format!(
-                    "{} {:.0}% ({} blocks sent)",
+                    "{}{round} {:.0}% ({} blocks sent)",
                     d["disk"].as_str().unwrap_or("?"),
                     if d["committed"].is_null() { pct } else { 100.0 },
                     d["blocks_received"].as_u64().unwrap_or(0)

@@ -243,6 +243,7 @@ impl Controller {
                             size: inv.map(|i| i.size),
                             block_size: inv.map(|i| i.block_size),
                             latest_point: latest.as_ref().map(|p| p.point),
+                            latest_consistency: latest.as_ref().map(|p| p.consistency.clone()),
                             rpo_lag_secs: latest
                                 .as_ref()
                                 .map(|p| now.saturating_sub(p.created_unix)),
@@ -320,6 +321,8 @@ pub struct DiskSummary {
     pub block_size: Option<u32>,
     /// Latest committed point.
     pub latest_point: Option<u64>,
+    /// How consistent the latest point is.
+    pub latest_consistency: Option<crate::store::ConsistencyInfo>,
     /// Age of the latest point in seconds (the RPO lag).
     pub rpo_lag_secs: Option<u64>,
 }

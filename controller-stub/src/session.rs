@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tideline_protocol::message::{Block, ErrorCode};
-use tideline_protocol::{Digest, Encoding, ZeroDigests};
+use tideline_protocol::{Digest, Encoding, PointConsistency, Position, ZeroDigests};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -36,8 +36,15 @@ pub enum WriteCmd {
         disk_size: u64,
         /// Block size.
         block_size: u32,
-        /// Records at and after this block are forgotten.
-        resume_from: u64,
+        /// Records at and after this position are forgotten.
+        resume_from: Position,
+    },
+    /// Start the next round of a disk's blocks.
+    Round {
+        /// Disk index.
+        disk: usize,
+        /// The round that begins.
+        round: u32,
     },
     /// Verify, store and record a block.
     Block {
@@ -46,14 +53,14 @@ pub enum WriteCmd {
         /// The block.
         block: Block,
     },
-    /// Make everything so far durable, then acknowledge `next_block`.
+    /// Make everything so far durable, then acknowledge `at`.
     Checkpoint {
         /// Disk index.
         disk: usize,
         /// Slot to acknowledge on.
         slot: u16,
         /// Resume position.
-        next_block: u64,
+        at: Position,
     },
     /// Answer `Barrier` once every command before this one is done (used
     /// when a link drops, so the session is quiescent before it waits).
@@ -69,20 +76,22 @@ pub enum WriteCmd {
         slot: u16,
         /// The agent's root.
         root: Digest,
+        /// What the agent says of the point's consistency.
+        consistency: PointConsistency,
     },
 }
 
 /// The writer thread's answers.
 #[derive(Debug)]
 pub enum WriteReply {
-    /// Everything before `next_block` is durable.
+    /// Everything before `at` is durable.
     Acked {
         /// Slot.
         slot: u16,
         /// Disk index.
         disk: usize,
         /// Resume position.
-        next_block: u64,
+        at: Position,
     },
     /// A point is committed.
     Committed {
@@ -105,6 +114,15 @@ pub enum WriteReply {
         /// What went wrong, naming the disk and block.
         message: String,
     },
+}
+
+/// A position as the admin interface shows it: `{"round": r, "block": b}`.
+fn position_json<S: serde::Serializer>(p: &Position, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let mut st = s.serialize_struct("Position", 2)?;
+    st.serialize_field("round", &p.round)?;
+    st.serialize_field("block", &p.block)?;
+    st.end()
 }
 
 /// Session state as the admin interface shows it.
@@ -132,10 +150,12 @@ pub struct DiskProgress {
     pub base: Option<PointId>,
     /// Blocks in the new point (known once the agent answered).
     pub block_count: u64,
-    /// Acknowledged resume position.
-    pub acked_block: u64,
+    /// Acknowledged resume position: round, then block within it.
+    #[serde(serialize_with = "position_json")]
+    pub acked: Position,
     /// Position of the last block or checkpoint received.
-    pub scanned_block: u64,
+    #[serde(serialize_with = "position_json")]
+    pub scanned: Position,
     /// Blocks received (all sessions of this point, counting resends).
     pub blocks_received: u64,
     /// Payload bytes received.
@@ -348,7 +368,7 @@ fn store_batch(
             d.blocks_received += 1;
             d.payload_bytes += block.payload.len() as u64;
             d.stored_bytes += stored;
-            d.scanned_block = block.block + 1;
+            d.scanned.block = block.block + 1;
         }
     }
     Ok(())
@@ -441,25 +461,32 @@ fn writer_loop(
                     break;
                 }
             }
-            WriteCmd::Checkpoint {
-                disk,
-                slot,
-                next_block,
-            } => {
+            WriteCmd::Round { disk, round } => {
+                let Some(Some(b)) = builders.get_mut(disk) else {
+                    continue;
+                };
+                if let Err(e) = b.begin_round(round) {
+                    fail(
+                        store_code(&e),
+                        format!("disk {}: cannot begin round {round}: {e}", disks[disk]),
+                    );
+                    break;
+                }
+                if let Ok(mut s) = status.lock() {
+                    s.disks[disk].scanned = Position::new(round, 0);
+                }
+            }
+            WriteCmd::Checkpoint { disk, slot, at } => {
                 let Some(Some(b)) = builders.get_mut(disk) else {
                     continue;
                 };
                 match b.checkpoint() {
                     Ok(()) => {
                         if let Ok(mut s) = status.lock() {
-                            s.disks[disk].acked_block = next_block;
-                            s.disks[disk].scanned_block = next_block;
+                            s.disks[disk].acked = at;
+                            s.disks[disk].scanned = at;
                         }
-                        let _ = replies.blocking_send(WriteReply::Acked {
-                            slot,
-                            disk,
-                            next_block,
-                        });
+                        let _ = replies.blocking_send(WriteReply::Acked { slot, disk, at });
                     }
                     Err(e) => {
                         fail(
@@ -473,7 +500,12 @@ fn writer_loop(
             WriteCmd::Barrier { token } => {
                 let _ = replies.blocking_send(WriteReply::Barrier { token });
             }
-            WriteCmd::End { disk, slot, root } => {
+            WriteCmd::End {
+                disk,
+                slot,
+                root,
+                consistency,
+            } => {
                 let Some(b) = builders.get_mut(disk).and_then(Option::take) else {
                     continue;
                 };
@@ -481,12 +513,22 @@ fn writer_loop(
                     .lock()
                     .map(|s| s.disks[disk].stored_bytes)
                     .unwrap_or(0);
-                match b.commit(&root, new_bytes) {
+                match b.commit(&root, new_bytes, &consistency) {
                     Ok(info) => {
-                        info!(agent, disk = %disks[disk], point = info.point, root = %info.root, "point committed");
+                        info!(
+                            agent,
+                            disk = %disks[disk],
+                            point = info.point,
+                            root = %info.root,
+                            consistency = info.consistency.level.as_str(),
+                            frozen_ms = info.consistency.frozen_ms,
+                            rounds = info.consistency.rounds,
+                            "point committed"
+                        );
                         if let Ok(mut s) = status.lock() {
                             s.disks[disk].committed = Some(info.clone());
-                            s.disks[disk].acked_block = info.block_count;
+                            s.disks[disk].acked =
+                                Position::new(s.disks[disk].acked.round, info.block_count);
                         }
                         let _ = replies.blocking_send(WriteReply::Committed { slot, disk, info });
                     }

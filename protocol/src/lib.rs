@@ -1,4 +1,4 @@
-//! Tideline's wire protocol, version 1: frames, messages and the session
+//! Tideline's wire protocol, version 2: frames, messages and the session
 //! state machines, with no I/O.
 //!
 //! The crate never touches a socket, a file or a clock. The agent and the
@@ -8,6 +8,7 @@
 //! against each other in memory. `docs/protocol.md` is the specification.
 #![warn(missing_docs)]
 
+pub mod consistency;
 pub mod digest;
 pub mod limits;
 pub mod resize;
@@ -20,7 +21,8 @@ pub mod message;
 pub mod session;
 pub mod wire;
 
-pub use message::Message;
+pub use consistency::{Consistency, PointConsistency, Requirement};
+pub use message::{Message, Position};
 pub use session::ProtocolError;
 #[cfg(test)]
 mod roundtrip_tests;

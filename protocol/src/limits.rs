@@ -21,6 +21,9 @@ pub const MAX_TEXT_LEN: usize = 1024;
 pub const MAX_INDEX_CHUNK: usize = 16 * 1024;
 /// Largest disk size accepted (1 PiB); a bound, not a promise.
 pub const MAX_DISK_SIZE: u64 = 1 << 50;
+/// Rounds of one slot in one session: round numbers are below this. The
+/// agent stops pre-copying long before (`[consistency] precopy_rounds`).
+pub const MAX_ROUNDS: u32 = 64;
 
 /// Whether `block_size` is a power of two within the accepted range.
 pub fn valid_block_size(block_size: u32) -> bool {

@@ -1,16 +1,20 @@
-//! Protocol v1 messages and their encoding. `docs/protocol.md` describes
+//! Protocol v2 messages and their encoding. `docs/protocol.md` describes
 //! each one, who sends it and when.
 
+use crate::consistency::{Consistency, PointConsistency};
 use crate::digest::Digest;
 use crate::encoding::Encoding;
 use crate::frame::{begin_frame, finish_frame, RawFrame};
 use crate::limits::{
-    valid_block_size, MAX_BLOCK_SIZE, MAX_DISKS, MAX_DISK_SIZE, MAX_INDEX_CHUNK, MAX_TEXT_LEN,
+    valid_block_size, MAX_BLOCK_SIZE, MAX_DISKS, MAX_DISK_SIZE, MAX_INDEX_CHUNK, MAX_ROUNDS,
+    MAX_TEXT_LEN,
 };
 use crate::wire::{DecodeError, Reader, Writer};
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this crate speaks. Version 2 added rounds
+/// (`Round`, positions in `Checkpoint`, `Ack` and `StartSync`) and the
+/// point's consistency in `DiskEnd`; version 1 peers are refused at `Hello`.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes that open every `Hello` body, so that a peer speaking something else
 /// is recognised at once.
 pub const HELLO_MAGIC: &[u8; 8] = b"TIDELINE";
@@ -31,6 +35,7 @@ pub mod kind {
     pub const DISK_END: u8 = 0x17;
     pub const COMMITTED: u8 = 0x18;
     pub const SESSION_END: u8 = 0x19;
+    pub const ROUND: u8 = 0x1A;
     pub const ERROR: u8 = 0x20;
     pub const HEARTBEAT: u8 = 0x21;
     pub const HEARTBEAT_ACK: u8 = 0x22;
@@ -111,6 +116,34 @@ pub struct BaseRef {
     pub root: Digest,
 }
 
+/// A place in a slot's stream of blocks: a round, then a block within it.
+///
+/// A slot's blocks are sent in rounds. Round 0 is the first copy; each
+/// later round (opened by `Round`) copies again blocks that changed while
+/// the previous one ran, and a block of a later round replaces the same
+/// block of an earlier one. Within a round blocks ascend. Positions order
+/// by round, then block, which is the order in which blocks are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    /// Round, from 0.
+    pub round: u32,
+    /// Block within the round.
+    pub block: u64,
+}
+
+impl Position {
+    /// Block `block` of round `round`.
+    pub fn new(round: u32, block: u64) -> Position {
+        Position { round, block }
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "round {} block {}", self.round, self.block)
+    }
+}
+
 /// One disk of a sync session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncDisk {
@@ -120,8 +153,9 @@ pub struct SyncDisk {
     pub point: u64,
     /// The committed point the changes are taken against, if any.
     pub base: Option<BaseRef>,
-    /// First block to scan (non-zero when resuming an interrupted session).
-    pub resume_from: u64,
+    /// Where to go on (non-zero when resuming an interrupted session: the
+    /// last position the controller acknowledged).
+    pub resume_from: Position,
 }
 
 /// Controller → agent: sync these disks as new points.
@@ -183,7 +217,7 @@ pub struct Block {
 }
 
 /// Agent → controller: a slot is complete.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskEnd {
     /// Slot.
     pub slot: u16,
@@ -193,6 +227,8 @@ pub struct DiskEnd {
     pub sent_blocks: u64,
     /// Root of the new index as the agent computes it.
     pub root: Digest,
+    /// How consistent the point is.
+    pub consistency: PointConsistency,
 }
 
 /// Controller → agent: a slot's point is committed.
@@ -429,17 +465,23 @@ pub enum Message {
         slot: u16,
     },
     Block(Block),
-    /// Agent → controller: every block of the slot before `next_block` has
-    /// been scanned and, if changed, sent.
+    /// Agent → controller: every block of the slot before `at` has been
+    /// scanned and, if changed, sent.
     Checkpoint {
         slot: u16,
-        next_block: u64,
+        at: Position,
     },
-    /// Controller → agent: every block before `next_block` is durably
-    /// stored; a resumed session starts there.
+    /// Controller → agent: every block before `at` is durably stored; a
+    /// resumed session starts there.
     Ack {
         slot: u16,
-        next_block: u64,
+        at: Position,
+    },
+    /// Agent → controller: the slot's current round is complete and round
+    /// `round` (the next one) begins at block 0.
+    Round {
+        slot: u16,
+        round: u32,
     },
     DiskEnd(DiskEnd),
     Committed(Committed),
@@ -508,6 +550,7 @@ impl Message {
             Message::DiskEnd(_) => "DiskEnd",
             Message::Committed(_) => "Committed",
             Message::SessionEnd { .. } => "SessionEnd",
+            Message::Round { .. } => "Round",
             Message::Error(_) => "Error",
             Message::Heartbeat { .. } => "Heartbeat",
             Message::HeartbeatAck { .. } => "HeartbeatAck",
@@ -551,6 +594,7 @@ impl Message {
             Message::DiskEnd(_) => kind::DISK_END,
             Message::Committed(_) => kind::COMMITTED,
             Message::SessionEnd { .. } => kind::SESSION_END,
+            Message::Round { .. } => kind::ROUND,
             Message::Error(_) => kind::ERROR,
             Message::Heartbeat { .. } => kind::HEARTBEAT,
             Message::HeartbeatAck { .. } => kind::HEARTBEAT_ACK,
@@ -606,7 +650,8 @@ impl Message {
                             w.digest(&b.root);
                         }
                     }
-                    w.u64(d.resume_from);
+                    w.u32(d.resume_from.round);
+                    w.u64(d.resume_from.block);
                 }
             }
             Message::SyncReady(r) => {
@@ -635,15 +680,24 @@ impl Message {
                 w.digest(&b.digest);
                 w.bytes(&b.payload);
             }
-            Message::Checkpoint { slot, next_block } | Message::Ack { slot, next_block } => {
+            Message::Checkpoint { slot, at } | Message::Ack { slot, at } => {
                 w.u16(*slot);
-                w.u64(*next_block);
+                w.u32(at.round);
+                w.u64(at.block);
+            }
+            Message::Round { slot, round } => {
+                w.u16(*slot);
+                w.u32(*round);
             }
             Message::DiskEnd(e) => {
                 w.u16(e.slot);
                 w.u64(e.block_count);
                 w.u64(e.sent_blocks);
                 w.digest(&e.root);
+                w.u8(e.consistency.level.code());
+                w.u32(e.consistency.frozen_ms);
+                w.u32(e.consistency.rounds);
+                w.str(&e.consistency.note);
             }
             Message::Committed(c) => {
                 w.u16(c.slot);
@@ -735,6 +789,7 @@ fn kind_name(k: u8) -> Option<&'static str> {
         kind::DISK_END => "DiskEnd",
         kind::COMMITTED => "Committed",
         kind::SESSION_END => "SessionEnd",
+        kind::ROUND => "Round",
         kind::ERROR => "Error",
         kind::HEARTBEAT => "Heartbeat",
         kind::HEARTBEAT_ACK => "HeartbeatAck",
@@ -817,8 +872,8 @@ fn decode_body(k: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
         }
         kind::START_SYNC => {
             let session = r.u64("session")?;
-            // id (3) + point (8) + base tag (1) + resume (8)
-            let n = r.count("disk count", MAX_DISKS, 20)?;
+            // id (3) + point (8) + base tag (1) + resume (4 + 8)
+            let n = r.count("disk count", MAX_DISKS, 24)?;
             let mut disks = Vec::with_capacity(n);
             for _ in 0..n {
                 let id = r.id("disk id")?;
@@ -838,7 +893,7 @@ fn decode_body(k: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
                         })
                     }
                 };
-                let resume_from = r.u64("resume_from")?;
+                let resume_from = position(r, "resume_from")?;
                 disks.push(SyncDisk {
                     id,
                     point,
@@ -905,18 +960,54 @@ fn decode_body(k: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
         }
         kind::CHECKPOINT => Message::Checkpoint {
             slot: r.u16("slot")?,
-            next_block: r.u64("next_block")?,
+            at: position(r, "checkpoint")?,
         },
         kind::ACK => Message::Ack {
             slot: r.u16("slot")?,
-            next_block: r.u64("next_block")?,
+            at: position(r, "ack")?,
         },
-        kind::DISK_END => Message::DiskEnd(DiskEnd {
-            slot: r.u16("slot")?,
-            block_count: r.u64("block_count")?,
-            sent_blocks: r.u64("sent_blocks")?,
-            root: r.digest("root")?,
-        }),
+        kind::ROUND => {
+            let slot = r.u16("slot")?;
+            let round = r.u32("round")?;
+            if round == 0 || round >= MAX_ROUNDS {
+                return Err(DecodeError::BadValue {
+                    field: "round",
+                    value: u64::from(round),
+                });
+            }
+            Message::Round { slot, round }
+        }
+        kind::DISK_END => {
+            let slot = r.u16("slot")?;
+            let block_count = r.u64("block_count")?;
+            let sent_blocks = r.u64("sent_blocks")?;
+            let root = r.digest("root")?;
+            let code = r.u8("consistency")?;
+            let level = Consistency::from_code(code).ok_or(DecodeError::BadValue {
+                field: "consistency",
+                value: u64::from(code),
+            })?;
+            let frozen_ms = r.u32("frozen_ms")?;
+            let rounds = r.u32("rounds")?;
+            if rounds > MAX_ROUNDS {
+                return Err(DecodeError::BadValue {
+                    field: "rounds",
+                    value: u64::from(rounds),
+                });
+            }
+            Message::DiskEnd(DiskEnd {
+                slot,
+                block_count,
+                sent_blocks,
+                root,
+                consistency: PointConsistency {
+                    level,
+                    frozen_ms,
+                    rounds,
+                    note: r.str("note", MAX_TEXT_LEN)?,
+                },
+            })
+        }
         kind::COMMITTED => Message::Committed(Committed {
             slot: r.u16("slot")?,
             point: r.u64("point")?,
@@ -1015,6 +1106,21 @@ fn decode_body(k: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
                 value: u64::from(other),
             })
         }
+    })
+}
+
+/// A position, with its round bounded by [`MAX_ROUNDS`].
+fn position(r: &mut Reader<'_>, field: &'static str) -> Result<Position, DecodeError> {
+    let round = r.u32(field)?;
+    if round >= MAX_ROUNDS {
+        return Err(DecodeError::BadValue {
+            field,
+            value: u64::from(round),
+        });
+    }
+    Ok(Position {
+        round,
+        block: r.u64(field)?,
     })
 }
 

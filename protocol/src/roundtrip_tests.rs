@@ -1,9 +1,11 @@
 //! Property tests: every message survives encode → decode, and no byte
 //! string makes the decoder panic.
 
+use crate::consistency::{Consistency, PointConsistency};
 use crate::digest::Digest;
 use crate::encoding::Encoding;
 use crate::frame::parse_frame;
+use crate::limits::MAX_ROUNDS;
 use crate::message::*;
 use proptest::prelude::*;
 
@@ -18,6 +20,9 @@ fn block_size() -> impl Strategy<Value = u32> {
 }
 fn text() -> impl Strategy<Value = String> {
     ".{0,100}"
+}
+fn position() -> impl Strategy<Value = Position> {
+    (0u32..MAX_ROUNDS, any::<u64>()).prop_map(|(round, block)| Position { round, block })
 }
 
 fn message() -> impl Strategy<Value = Message> {
@@ -146,7 +151,7 @@ fn message() -> impl Strategy<Value = Message> {
                     id(),
                     any::<u64>(),
                     prop::option::of((any::<u64>(), 0u64..1 << 50, block_size(), digest())),
-                    any::<u64>()
+                    position()
                 ),
                 0..6
             )
@@ -219,18 +224,30 @@ fn message() -> impl Strategy<Value = Message> {
                     payload,
                 })
             }),
-        (any::<u16>(), any::<u64>())
-            .prop_map(|(slot, next_block)| Message::Checkpoint { slot, next_block }),
-        (any::<u16>(), any::<u64>())
-            .prop_map(|(slot, next_block)| Message::Ack { slot, next_block }),
-        (any::<u16>(), any::<u64>(), any::<u64>(), digest()).prop_map(|(slot, a, b, root)| {
-            Message::DiskEnd(DiskEnd {
-                slot,
-                block_count: a,
-                sent_blocks: b,
-                root,
-            })
-        }),
+        (any::<u16>(), position()).prop_map(|(slot, at)| Message::Checkpoint { slot, at }),
+        (any::<u16>(), position()).prop_map(|(slot, at)| Message::Ack { slot, at }),
+        (any::<u16>(), 1u32..MAX_ROUNDS).prop_map(|(slot, round)| Message::Round { slot, round }),
+        (
+            any::<u16>(),
+            any::<u64>(),
+            any::<u64>(),
+            digest(),
+            (0u8..5, any::<u32>(), 0..=MAX_ROUNDS, text())
+        )
+            .prop_map(|(slot, a, b, root, (level, frozen_ms, rounds, note))| {
+                Message::DiskEnd(DiskEnd {
+                    slot,
+                    block_count: a,
+                    sent_blocks: b,
+                    root,
+                    consistency: PointConsistency {
+                        level: Consistency::from_code(level).unwrap_or_default(),
+                        frozen_ms,
+                        rounds,
+                        note,
+                    },
+                })
+            }),
         (any::<u16>(), any::<u64>(), digest()).prop_map(|(slot, point, root)| {
             Message::Committed(Committed { slot, point, root })
         }),

@@ -27,6 +27,7 @@ use tideline_protocol::message::{
     ReadyDisk, ReadyTarget, StartFailback, StartSync, SyncDisk, SyncReady, TargetDescription,
     TargetInfo, Welcome,
 };
+use tideline_protocol::{Consistency, PointConsistency, Position};
 
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/frame_decoder")
@@ -43,15 +44,15 @@ fn one_of_each() -> Vec<(&'static str, Message)> {
         (
             "hello",
             Message::Hello(Hello {
-                min_version: 1,
-                max_version: 1,
+                min_version: 2,
+                max_version: 2,
                 software: "tideline-agent/0.1.0".into(),
             }),
         ),
         (
             "welcome",
             Message::Welcome(Welcome {
-                version: 1,
+                version: 2,
                 controller: "tideline-controller/0.1.0".into(),
                 agent_id: "web-01.example".into(),
             }),
@@ -152,13 +153,13 @@ fn one_of_each() -> Vec<(&'static str, Message)> {
                             block_size: 64 * 1024,
                             root: d("root@6"),
                         }),
-                        resume_from: 0,
+                        resume_from: Position::default(),
                     },
                     SyncDisk {
                         id: "data_1".into(),
                         point: 1,
                         base: None,
-                        resume_from: 2,
+                        resume_from: Position::new(1, 2),
                     },
                 ],
             }),
@@ -229,16 +230,17 @@ fn one_of_each() -> Vec<(&'static str, Message)> {
             "checkpoint",
             Message::Checkpoint {
                 slot: 0,
-                next_block: 4096,
+                at: Position::new(0, 4096),
             },
         ),
         (
             "ack",
             Message::Ack {
                 slot: 0,
-                next_block: 2048,
+                at: Position::new(2, 2048),
             },
         ),
+        ("round", Message::Round { slot: 1, round: 3 }),
         (
             "disk_end",
             Message::DiskEnd(DiskEnd {
@@ -246,6 +248,12 @@ fn one_of_each() -> Vec<(&'static str, Message)> {
                 block_count: 4,
                 sent_blocks: 2,
                 root: d("data_1@1"),
+                consistency: PointConsistency {
+                    level: Consistency::CrashFrozen,
+                    frozen_ms: 41,
+                    rounds: 3,
+                    note: String::new(),
+                },
             }),
         ),
         (

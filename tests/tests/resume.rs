@@ -20,7 +20,7 @@ fn wait_acked_past(w: &World, id: u64, fraction: f64) -> Result<Value> {
         let s = session(w, id)?;
         let d = &s["disks"][0];
         let (acked, total) = (
-            d["acked_block"].as_u64().unwrap_or(0),
+            d["acked"]["block"].as_u64().unwrap_or(0),
             d["block_count"].as_u64().unwrap_or(0),
         );
         if s["state"] != "running" {

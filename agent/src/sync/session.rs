@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tideline_protocol::message::{Committed, DiskEnd, IndexChunk, ReadyDisk, StartSync, SyncReady};
-use tideline_protocol::{Digest, Geometry, IndexRootHasher};
+use tideline_protocol::{Digest, Geometry, IndexRootHasher, Position};
 use tracing::{info, warn};
 
 use super::changes::{trust_bitmap, trust_cbt, CbtList, ChangeRecord};
@@ -37,14 +37,14 @@ pub enum SessionError {
     Tracking(#[from] TrackingError),
     /// The controller asked to resume, but the change log of the interrupted
     /// session is gone or belongs to another session.
-    #[error("disk {disk}: cannot resume session {session} at block {resume_from}: {why}")]
+    #[error("disk {disk}: cannot resume session {session} at {resume_from}: {why}")]
     CannotResume {
         /// Disk id.
         disk: String,
         /// Session id.
         session: u64,
         /// Requested position.
-        resume_from: u64,
+        resume_from: Position,
         /// Why not.
         why: String,
     },
@@ -278,6 +278,12 @@ impl AgentSession {
             block_count,
             sent_blocks: sent,
             root,
+            consistency: tideline_protocol::PointConsistency {
+                level: tideline_protocol::Consistency::None,
+                frozen_ms: 0,
+                rounds: 1,
+                note: "read while the machine ran".into(),
+            },
         })
     }
 
@@ -400,7 +406,7 @@ fn prepare_disk(
             l.truncate_from(d.resume_from)?;
             l
         }
-        _ if d.resume_from > 0 => {
+        _ if d.resume_from > Position::default() => {
             return Err(SessionError::CannotResume {
                 disk: d.id.clone(),
                 session,
@@ -418,7 +424,7 @@ fn prepare_disk(
         state,
         expected,
         log: Some(log),
-        resume_from: d.resume_from,
+        resume_from: d.resume_from.block,
         only: plan.only.map(Arc::new),
         next_record: plan.record,
     })

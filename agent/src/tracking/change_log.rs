@@ -1,20 +1,26 @@
 //! The change log: which blocks a sync session sent, and with which digest.
 //!
 //! While a session runs, the sync engine appends a record for every block it
-//! sends, in block order, and syncs the log before it relies on the
-//! controller's acknowledgement. When a connection drops, the session resumes
-//! where the controller's acknowledgement stood: [`ChangeLog::truncate_from`]
-//! drops the records from there on, and they are sent again. When the
-//! controller has committed the point, the log is sealed with the point's
-//! index root and applied to the block map (`BlockMap::apply`); the map never
-//! advances on a point the controller did not commit.
+//! sends, and syncs the log before it relies on the controller's
+//! acknowledgement. Blocks go in *rounds* (protocol §6.4): round 0 is the
+//! first copy, and each later round copies again the blocks that changed
+//! while the previous one ran; within a round blocks ascend, and a block of
+//! a later round replaces the same block of an earlier one. When a
+//! connection drops, the session resumes where the controller's
+//! acknowledgement stood: [`ChangeLog::truncate_from`] drops the records from
+//! there on, and they are sent again. When the controller has committed the
+//! point, the log is sealed with the point's index root and applied to the
+//! block map (`BlockMap::apply`); the map never advances on a point the
+//! controller did not commit. [`ChangeLog::records`] reads the rounds back
+//! merged, ascending, the latest round winning, which is exactly the list
+//! of changes the point makes to its base.
 //!
 //! # File format (`<state_dir>/disks/<disk_id>/changes.log`, little-endian)
 //!
 //! ```text
 //! offset size  field
-//!      0    8  magic       b"TDLCLOG1"
-//!      8    4  version     u32 = 1
+//!      0    8  magic       b"TDLCLOG2"
+//!      8    4  version     u32 = 2
 //!     12    4  block_size  u32, a valid block size
 //!     16    8  disk_size   u64, at most MAX_DISK_SIZE
 //!     24    8  session     u64, the session that writes the log
@@ -22,10 +28,17 @@
 //!     40    8  base_point  u64, the point the changes are relative to (0 = none)
 //!     48    8  check       u64, first 8 bytes (LE) of BLAKE3(bytes 0..48)
 //!     56    8  reserved    zero
-//!     64  40×n records     block u64, digest [32]; blocks strictly ascending
-//!                          and below the block count
+//!     64  40×n records     block u64, digest [32]:
+//!                          a block of the current round (below the block count,
+//!                          strictly ascending within the round), or
+//!                          a round marker: block = u64::MAX - 1, digest = the
+//!                          round number (u32) then 28 zero bytes; it starts the
+//!                          next round (1, 2, … below MAX_ROUNDS)
 //!   [last 40   seal]       block = u64::MAX, digest = the point's index root
 //! ```
+//!
+//! Version 1 logs (no rounds) are not read: a session that finds one starts
+//! afresh, as it does with any log it cannot use.
 //!
 //! # Atomicity
 //!
@@ -36,27 +49,32 @@
 //! last record, or (on filesystems that extend a file before its data is
 //! written) trailing records of zeros. [`ChangeLog::open`] truncates the file
 //! to whole records and drops trailing all-zero records: no real record is
-//! all zeros, as no block's BLAKE3 digest is.
+//! all zeros, as no block's BLAKE3 digest is, and no marker is (its block
+//! number is not 0).
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use tideline_protocol::{Digest, Geometry};
+use tideline_protocol::limits::MAX_ROUNDS;
+use tideline_protocol::{Digest, Geometry, Position};
 
 use super::{check_geometry, header_check, io_err, sync_parent, tmp_path, TrackingError};
 
 /// Magic at the start of a change log.
-pub const MAGIC: [u8; 8] = *b"TDLCLOG1";
+pub const MAGIC: [u8; 8] = *b"TDLCLOG2";
 /// The format version written and read.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Length of the header; records start here.
 pub const HEADER_LEN: u64 = 64;
 /// Length of one record.
 pub const RECORD_LEN: u64 = 40;
 /// Block number of the seal record.
 pub const SEAL_BLOCK: u64 = u64::MAX;
+/// Block number of a round marker.
+pub const ROUND_BLOCK: u64 = u64::MAX - 1;
 
 const CHECKED_LEN: usize = 48;
 /// Appended records are buffered up to this many bytes before a write.
@@ -79,6 +97,43 @@ fn decode_record(r: &[u8]) -> (u64, Digest) {
     (u64::from_le_bytes(b), Digest(d))
 }
 
+fn marker_digest(round: u32) -> Digest {
+    let mut d = [0u8; 32];
+    d[..4].copy_from_slice(&round.to_le_bytes());
+    Digest(d)
+}
+
+/// The round a marker's digest names, if it is well formed.
+fn marker_round(d: &Digest) -> Option<u32> {
+    if d.0[4..].iter().any(|&b| b != 0) {
+        return None;
+    }
+    let mut r = [0u8; 4];
+    r.copy_from_slice(&d.0[..4]);
+    Some(u32::from_le_bytes(r))
+}
+
+/// Where one round's block records are: `count` records from record index
+/// `first` (markers excluded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RoundSpan {
+    number: u32,
+    first: u64,
+    count: u64,
+    last: Option<u64>,
+}
+
+impl RoundSpan {
+    fn start(number: u32, first: u64) -> RoundSpan {
+        RoundSpan {
+            number,
+            first,
+            count: 0,
+            last: None,
+        }
+    }
+}
+
 /// The change log of one disk's sync session.
 #[derive(Debug)]
 pub struct ChangeLog {
@@ -92,8 +147,8 @@ pub struct ChangeLog {
     written: u64,
     /// Encoded records not yet written.
     pending: Vec<u8>,
-    /// The last record's block, seal excluded.
-    last_block: Option<u64>,
+    /// The rounds, in order; round 0 always exists.
+    rounds: Vec<RoundSpan>,
     sealed: Option<Digest>,
 }
 
@@ -147,14 +202,15 @@ impl ChangeLog {
             base_point,
             written: HEADER_LEN,
             pending: Vec::new(),
-            last_block: None,
+            rounds: vec![RoundSpan::start(0, 0)],
             sealed: None,
         })
     }
 
     /// Opens the log at `path`; `None` if there is none. A torn last record
     /// (and trailing all-zero records) are dropped and the file truncated to
-    /// the records that remain. A bad header is an error naming the file.
+    /// the records that remain. A bad header, or records that break the
+    /// format's rules, are an error naming the file.
     pub fn open(path: &Path) -> Result<Option<ChangeLog>, TrackingError> {
         let file = match OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => f,
@@ -181,13 +237,13 @@ impl ChangeLog {
             u64::from_le_bytes(x)
         };
         let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-        if h[0..8] != MAGIC {
+        if h[0..6] != MAGIC[0..6] {
             return Err(TrackingError::BadMagic {
                 path: path.to_path_buf(),
                 kind: "change log",
             });
         }
-        if u32_at(8) != VERSION {
+        if h[0..8] != MAGIC || u32_at(8) != VERSION {
             return Err(TrackingError::UnsupportedVersion {
                 path: path.to_path_buf(),
                 version: u32_at(8),
@@ -210,19 +266,17 @@ impl ChangeLog {
             base_point: u64_at(40),
             written: HEADER_LEN,
             pending: Vec::new(),
-            last_block: None,
+            rounds: vec![RoundSpan::start(0, 0)],
             sealed: None,
         };
 
         // Whole records only, then no trailing zero records.
         let mut count = (len - HEADER_LEN) / RECORD_LEN;
-        let mut last = None;
         while count > 0 {
             let (block, digest) = log.read_record(count - 1)?;
             if block == 0 && digest == Digest::default() {
                 count -= 1;
             } else {
-                last = Some((block, digest));
                 break;
             }
         }
@@ -234,25 +288,68 @@ impl ChangeLog {
             log.file.sync_data().map_err(io_err("fsync", path))?;
         }
 
-        let in_range = |block: u64| block < geometry.block_count;
-        match last {
-            None => {}
-            Some((SEAL_BLOCK, root)) => {
-                log.sealed = Some(root);
-                if count >= 2 {
-                    let (block, _) = log.read_record(count - 2)?;
-                    if !in_range(block) {
-                        return Err(corrupt(format!("record {} has block {block}", count - 2)));
-                    }
-                    log.last_block = Some(block);
+        // Every record obeys the rules: rounds in sequence, blocks in range
+        // and ascending within their round, the seal last.
+        let mut buf = Vec::new();
+        let mut index = 0u64;
+        while index < count {
+            let n = (count - index).min(READ_RECORDS as u64);
+            buf.resize(n as usize * RECORD_LEN as usize, 0);
+            log.file
+                .read_exact_at(&mut buf, HEADER_LEN + index * RECORD_LEN)
+                .map_err(io_err("read change log", path))?;
+            for r in buf.chunks_exact(RECORD_LEN as usize) {
+                let (block, digest) = decode_record(r);
+                if log.sealed.is_some() {
+                    return Err(corrupt(format!("record {index} follows the seal")));
                 }
-            }
-            Some((block, _)) if in_range(block) => log.last_block = Some(block),
-            Some((block, _)) => {
-                return Err(corrupt(format!("record {} has block {block}", count - 1)));
+                let current = log.current();
+                match block {
+                    SEAL_BLOCK => log.sealed = Some(digest),
+                    ROUND_BLOCK => match marker_round(&digest) {
+                        Some(n) if n == current.number + 1 && n < MAX_ROUNDS => {
+                            log.rounds.push(RoundSpan::start(n, index + 1));
+                        }
+                        _ => {
+                            return Err(corrupt(format!(
+                                "record {index} is a round marker out of sequence after round {}",
+                                current.number
+                            )))
+                        }
+                    },
+                    b if b >= geometry.block_count => {
+                        return Err(corrupt(format!(
+                            "record {index} has block {b}, past the disk's {} blocks",
+                            geometry.block_count
+                        )));
+                    }
+                    b if current.last.is_some_and(|l| b <= l) => {
+                        return Err(corrupt(format!(
+                            "record {index} has block {b} after block {} in round {}",
+                            current.last.unwrap_or(0),
+                            current.number
+                        )));
+                    }
+                    b => {
+                        let last = log.rounds.len() - 1;
+                        log.rounds[last].count += 1;
+                        log.rounds[last].last = Some(b);
+                    }
+                }
+                index += 1;
             }
         }
         Ok(Some(log))
+    }
+
+    fn current(&self) -> RoundSpan {
+        // `rounds` is never empty: round 0 exists from the start.
+        self.rounds[self.rounds.len() - 1]
+    }
+
+    /// Records in the file and in the buffer, markers and seal included.
+    fn total_records(&self) -> u64 {
+        (self.written - HEADER_LEN + self.pending.len() as u64) / RECORD_LEN
     }
 
     /// Record `index` as written in the file.
@@ -262,6 +359,24 @@ impl ChangeLog {
             .read_exact_at(&mut r, HEADER_LEN + index * RECORD_LEN)
             .map_err(io_err("read change log", &self.path))?;
         Ok(decode_record(&r))
+    }
+
+    /// Reads the raw records `index..index + n` (file or buffer) into `buf`.
+    fn read_raw(&self, index: u64, n: usize, buf: &mut Vec<u8>) -> Result<(), TrackingError> {
+        let rl = RECORD_LEN as usize;
+        buf.resize(n * rl, 0);
+        let in_file = (self.written - HEADER_LEN) / RECORD_LEN;
+        let from_file = in_file.saturating_sub(index).min(n as u64) as usize;
+        if from_file > 0 {
+            self.file
+                .read_exact_at(&mut buf[..from_file * rl], HEADER_LEN + index * RECORD_LEN)
+                .map_err(io_err("read change log", &self.path))?;
+        }
+        if from_file < n {
+            let o = (index + from_file as u64 - in_file) as usize * rl;
+            buf[from_file * rl..].copy_from_slice(&self.pending[o..o + (n - from_file) * rl]);
+        }
+        Ok(())
     }
 
     /// The file this log lives in.
@@ -294,9 +409,22 @@ impl ChangeLog {
         self.sealed
     }
 
-    /// Records that `block` was sent with `digest`. Buffered: durable after
-    /// the next [`ChangeLog::sync`]. Blocks must strictly ascend and be
-    /// within the disk; a sealed log takes no more records.
+    /// The round being recorded.
+    pub fn round(&self) -> u32 {
+        self.current().number
+    }
+
+    /// The position after the last record: the current round, and the block
+    /// after its last one.
+    pub fn position(&self) -> Position {
+        let c = self.current();
+        Position::new(c.number, c.last.map_or(0, |l| l + 1))
+    }
+
+    /// Records that `block` was sent with `digest` in the current round.
+    /// Buffered: durable after the next [`ChangeLog::sync`]. Blocks must
+    /// strictly ascend within the round and be within the disk; a sealed log
+    /// takes no more records.
     pub fn append(&mut self, block: u64, digest: Digest) -> Result<(), TrackingError> {
         if self.sealed.is_some() {
             return Err(TrackingError::Sealed {
@@ -310,7 +438,7 @@ impl ChangeLog {
                 block_count: self.geometry.block_count,
             });
         }
-        if let Some(previous) = self.last_block {
+        if let Some(previous) = self.current().last {
             if block <= previous {
                 return Err(TrackingError::OutOfOrder {
                     path: self.path.clone(),
@@ -319,9 +447,37 @@ impl ChangeLog {
                 });
             }
         }
+        self.push_raw(block, &digest)?;
+        let last = self.rounds.len() - 1;
+        self.rounds[last].count += 1;
+        self.rounds[last].last = Some(block);
+        Ok(())
+    }
+
+    /// Starts round `round`, which must follow the current one.
+    pub fn begin_round(&mut self, round: u32) -> Result<(), TrackingError> {
+        if self.sealed.is_some() {
+            return Err(TrackingError::Sealed {
+                path: self.path.clone(),
+            });
+        }
+        let current = self.round();
+        if round != current + 1 || round >= MAX_ROUNDS {
+            return Err(TrackingError::RoundOrder {
+                path: self.path.clone(),
+                round,
+                current,
+            });
+        }
+        self.push_raw(ROUND_BLOCK, &marker_digest(round))?;
+        let next = self.total_records();
+        self.rounds.push(RoundSpan::start(round, next));
+        Ok(())
+    }
+
+    fn push_raw(&mut self, block: u64, digest: &Digest) -> Result<(), TrackingError> {
         self.pending
-            .extend_from_slice(&encode_record(block, &digest));
-        self.last_block = Some(block);
+            .extend_from_slice(&encode_record(block, digest));
         if self.pending.len() >= WRITE_BUFFER {
             self.write_pending()?;
         }
@@ -348,16 +504,27 @@ impl ChangeLog {
         self.file.sync_data().map_err(io_err("fsync", &self.path))
     }
 
-    /// Drops every record of block `block` or later, and the seal, durably:
-    /// the session resumes sending from `block`.
-    pub fn truncate_from(&mut self, block: u64) -> Result<(), TrackingError> {
+    /// Drops every record at or after position `at` (later rounds, and the
+    /// blocks `>= at.block` of round `at.round`) and the seal, durably: the
+    /// session resumes sending from `at`. A round the log never started is
+    /// refused.
+    pub fn truncate_from(&mut self, at: Position) -> Result<(), TrackingError> {
         self.write_pending()?;
-        // Records ascend (and the seal is last, at u64::MAX), so the first
-        // record at or past `block` is found by bisection.
-        let (mut lo, mut hi) = (0u64, (self.written - HEADER_LEN) / RECORD_LEN);
+        let Some(keep) = self.rounds.iter().position(|r| r.number == at.round) else {
+            return Err(TrackingError::RoundOrder {
+                path: self.path.clone(),
+                round: at.round,
+                current: self.round(),
+            });
+        };
+        self.rounds.truncate(keep + 1);
+        let span = self.rounds[keep];
+        // Records ascend within the round, so the first one at or past
+        // `at.block` is found by bisection.
+        let (mut lo, mut hi) = (span.first, span.first + span.count);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if self.read_record(mid)?.0 < block {
+            if self.read_record(mid)?.0 < at.block {
                 lo = mid + 1;
             } else {
                 hi = mid;
@@ -369,10 +536,12 @@ impl ChangeLog {
             .map_err(io_err("truncate", &self.path))?;
         self.file.sync_data().map_err(io_err("fsync", &self.path))?;
         self.sealed = None;
-        self.last_block = match lo {
-            0 => None,
+        let last = match lo {
+            n if n == span.first => None,
             n => Some(self.read_record(n - 1)?.0),
         };
+        self.rounds[keep].count = lo - span.first;
+        self.rounds[keep].last = last;
         Ok(())
     }
 
@@ -389,23 +558,64 @@ impl ChangeLog {
         self.sync()
     }
 
-    /// The records in block order, buffered ones included, the seal
-    /// excluded. Streams the file in fixed-size batches: memory stays
-    /// bounded whatever the log's length. Records that do not ascend, lie
-    /// past the disk or follow the seal are a `Corrupt` error, after which
-    /// the iterator ends.
+    /// The changes the session made, ascending by block, each block with the
+    /// digest of the latest round that sent it; buffered records included,
+    /// markers and seal excluded. Streams the file in fixed-size batches,
+    /// one per round: memory stays bounded whatever the log's length.
     pub fn records(&self) -> Records<'_> {
+        let cursors = self
+            .rounds
+            .iter()
+            .map(|r| RoundCursor {
+                next: r.first,
+                end: r.first + r.count,
+                batch: Vec::new(),
+                pos: 0,
+            })
+            .collect::<Vec<_>>();
         Records {
             log: self,
-            next: 0,
-            file_records: (self.written - HEADER_LEN) / RECORD_LEN,
-            total: (self.written - HEADER_LEN) / RECORD_LEN
-                + (self.pending.len() as u64) / RECORD_LEN,
-            batch: Vec::new(),
-            batch_start: 0,
-            previous: None,
+            heads: vec![None; cursors.len()],
+            cursors,
+            started: false,
             done: false,
         }
+    }
+
+    /// The digests this session sent for the blocks in `ranges` (block
+    /// ranges `[first, end)`), as of the latest round that sent each. Costs
+    /// a bisection per range and round, then a read of the records inside.
+    pub fn sent_in(&self, ranges: &[(u64, u64)]) -> Result<HashMap<u64, Digest>, TrackingError> {
+        let mut out = HashMap::new();
+        let mut buf = Vec::new();
+        for span in &self.rounds {
+            for &(first, end) in ranges {
+                let (mut lo, mut hi) = (span.first, span.first + span.count);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    self.read_raw(mid, 1, &mut buf)?;
+                    if decode_record(&buf).0 < first {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                let span_end = span.first + span.count;
+                'range: while lo < span_end {
+                    let n = (span_end - lo).min(READ_RECORDS as u64) as usize;
+                    self.read_raw(lo, n, &mut buf)?;
+                    for r in buf.chunks_exact(RECORD_LEN as usize) {
+                        let (block, digest) = decode_record(r);
+                        if block >= end {
+                            break 'range;
+                        }
+                        out.insert(block, digest);
+                    }
+                    lo += n as u64;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Deletes the log (after it was applied, or when its session is
@@ -416,80 +626,64 @@ impl ChangeLog {
     }
 }
 
-/// Iterator over a change log's records; see [`ChangeLog::records`].
+/// Reads one round's records in batches.
+#[derive(Debug)]
+struct RoundCursor {
+    next: u64,
+    end: u64,
+    batch: Vec<u8>,
+    pos: usize,
+}
+
+impl RoundCursor {
+    fn next_record(&mut self, log: &ChangeLog) -> Result<Option<(u64, Digest)>, TrackingError> {
+        let rl = RECORD_LEN as usize;
+        if self.pos >= self.batch.len() {
+            if self.next >= self.end {
+                return Ok(None);
+            }
+            let n = (self.end - self.next).min(READ_RECORDS as u64) as usize;
+            log.read_raw(self.next, n, &mut self.batch)?;
+            self.next += n as u64;
+            self.pos = 0;
+        }
+        let r = decode_record(&self.batch[self.pos..self.pos + rl]);
+        self.pos += rl;
+        Ok(Some(r))
+    }
+}
+
+/// Iterator over a change log's changes; see [`ChangeLog::records`].
 #[derive(Debug)]
 pub struct Records<'a> {
     log: &'a ChangeLog,
-    /// Index of the next record.
-    next: u64,
-    /// Records in the file (the rest are buffered in memory).
-    file_records: u64,
-    total: u64,
-    /// Raw records read from the file, starting at record `batch_start`.
-    batch: Vec<u8>,
-    batch_start: u64,
-    previous: Option<u64>,
+    cursors: Vec<RoundCursor>,
+    /// The next record of each round, in round order.
+    heads: Vec<Option<(u64, Digest)>>,
+    started: bool,
     done: bool,
 }
 
 impl Records<'_> {
-    fn raw(&mut self, index: u64) -> Result<[u8; RECORD_LEN as usize], TrackingError> {
-        let rl = RECORD_LEN as usize;
-        let mut r = [0u8; RECORD_LEN as usize];
-        if index >= self.file_records {
-            let o = (index - self.file_records) as usize * rl;
-            r.copy_from_slice(&self.log.pending[o..o + rl]);
-            return Ok(r);
-        }
-        let in_batch = (self.batch.len() / rl) as u64;
-        if index < self.batch_start || index >= self.batch_start + in_batch {
-            let n = (self.file_records - index).min(READ_RECORDS as u64) as usize;
-            self.batch.resize(n * rl, 0);
-            self.log
-                .file
-                .read_exact_at(&mut self.batch, HEADER_LEN + index * RECORD_LEN)
-                .map_err(io_err("read change log", &self.log.path))?;
-            self.batch_start = index;
-        }
-        let o = (index - self.batch_start) as usize * rl;
-        r.copy_from_slice(&self.batch[o..o + rl]);
-        Ok(r)
-    }
-
     fn step(&mut self) -> Result<Option<(u64, Digest)>, TrackingError> {
-        if self.next >= self.total {
-            return Ok(None);
+        if !self.started {
+            self.started = true;
+            for (head, c) in self.heads.iter_mut().zip(&mut self.cursors) {
+                *head = c.next_record(self.log)?;
+            }
         }
-        let index = self.next;
-        self.next += 1;
-        let (block, digest) = decode_record(&self.raw(index)?);
-        let corrupt = |reason: String| TrackingError::Corrupt {
-            path: self.log.path.clone(),
-            reason,
+        let Some(block) = self.heads.iter().flatten().map(|r| r.0).min() else {
+            return Ok(None);
         };
-        if block == SEAL_BLOCK {
-            if self.next != self.total {
-                return Err(corrupt(format!(
-                    "record {index} is a seal but not the last"
-                )));
-            }
-            return Ok(None);
-        }
-        if block >= self.log.geometry.block_count {
-            return Err(corrupt(format!(
-                "record {index} has block {block}, past the disk's {} blocks",
-                self.log.geometry.block_count
-            )));
-        }
-        if let Some(previous) = self.previous {
-            if block <= previous {
-                return Err(corrupt(format!(
-                    "record {index} has block {block} after block {previous}"
-                )));
+        let mut winner = None;
+        for (head, c) in self.heads.iter_mut().zip(&mut self.cursors) {
+            if let Some(r) = head.filter(|r| r.0 == block) {
+                // Later rounds come later: the last match wins.
+                winner = Some(r);
+                *head = c.next_record(self.log)?;
             }
         }
-        self.previous = Some(block);
-        Ok(Some((block, digest)))
+        Ok(winner)
     }
 }
 
@@ -687,7 +881,7 @@ mod tests {
         ));
 
         // Truncating past the last record only drops the seal.
-        log.truncate_from(3).unwrap();
+        log.truncate_from(Position::new(0, 3)).unwrap();
         assert_eq!(log.sealed_root(), None);
         log.append(3, d(3)).unwrap();
         log.sync().unwrap();
@@ -709,10 +903,89 @@ mod tests {
         let mut bytes = fs::read(&path).unwrap();
         bytes.extend_from_slice(&encode_record(5, &d(5)));
         fs::write(&path, &bytes).unwrap();
+        let err = ChangeLog::open(&path).unwrap_err();
+        assert!(matches!(err, TrackingError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("follows the seal"), "{err}");
+    }
+
+    #[test]
+    fn rounds_merge_with_the_latest_winning_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("changes.log");
+        let mut log = ChangeLog::create(&path, 1, 2, 0, geometry()).unwrap();
+        let dr =
+            |b: u64, r: u32| Digest::of(&[b.to_le_bytes(), u64::from(r).to_le_bytes()].concat());
+        for b in [2, 4, 6, 8] {
+            log.append(b, dr(b, 0)).unwrap();
+        }
+        log.begin_round(1).unwrap();
+        assert!(matches!(
+            log.begin_round(3),
+            Err(TrackingError::RoundOrder { .. })
+        ));
+        // A later round may go back to earlier blocks.
+        for b in [1, 4, 8] {
+            log.append(b, dr(b, 1)).unwrap();
+        }
+        log.begin_round(2).unwrap();
+        log.append(4, dr(4, 2)).unwrap();
+        assert!(log.append(3, dr(3, 2)).is_err());
+        let want = vec![
+            (1, dr(1, 1)),
+            (2, dr(2, 0)),
+            (4, dr(4, 2)),
+            (6, dr(6, 0)),
+            (8, dr(8, 1)),
+        ];
+        assert_eq!(collect(&log), want);
+        assert_eq!(log.position(), Position::new(2, 5));
+        let sent = log.sent_in(&[(0, 5), (8, 9)]).unwrap();
+        assert_eq!(sent.len(), 4);
+        assert_eq!(sent[&4], dr(4, 2));
+        assert_eq!(sent[&8], dr(8, 1));
+        log.sync().unwrap();
+        drop(log);
+
+        let mut log = ChangeLog::open(&path).unwrap().unwrap();
+        assert_eq!(collect(&log), want);
+        assert_eq!(log.position(), Position::new(2, 5));
+        // Resume in round 1 at block 5: round 2 and round 1's block 8 go.
+        log.truncate_from(Position::new(1, 5)).unwrap();
+        assert_eq!(log.position(), Position::new(1, 5));
+        assert_eq!(
+            collect(&log),
+            vec![
+                (1, dr(1, 1)),
+                (2, dr(2, 0)),
+                (4, dr(4, 1)),
+                (6, dr(6, 0)),
+                (8, dr(8, 0))
+            ]
+        );
+        assert!(matches!(
+            log.truncate_from(Position::new(4, 0)),
+            Err(TrackingError::RoundOrder { .. })
+        ));
+        log.seal(d(1)).unwrap();
+        drop(log);
         let log = ChangeLog::open(&path).unwrap().unwrap();
-        let items: Vec<_> = log.records().collect();
-        assert_eq!(items.len(), 2);
-        assert!(matches!(items[1], Err(TrackingError::Corrupt { .. })));
+        assert_eq!(log.sealed_root(), Some(d(1)));
+        assert_eq!(log.round(), 1);
+    }
+
+    #[test]
+    fn a_version_one_log_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("changes.log");
+        drop(ChangeLog::create(&path, 1, 2, 0, geometry()).unwrap());
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0..8].copy_from_slice(b"TDLCLOG1");
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            ChangeLog::open(&path),
+            Err(TrackingError::UnsupportedVersion { version: 1, .. })
+        ));
     }
 
     proptest! {
@@ -744,7 +1017,7 @@ mod tests {
             }
             prop_assert_eq!(collect(&log), want.iter().map(|(&b, &d)| (b, d)).collect::<Vec<_>>());
 
-            log.truncate_from(cut).unwrap();
+            log.truncate_from(Position::new(0, cut)).unwrap();
             prop_assert_eq!(log.sealed_root(), None);
             let kept: Vec<(u64, Digest)> = want.range(..cut).map(|(&b, &d)| (b, d)).collect();
             prop_assert_eq!(collect(&log), kept.clone());

@@ -142,6 +142,17 @@ pub enum TrackingError {
         /// The block refused.
         block: u64,
     },
+    /// A round does not follow the log's current one (or a resume names a
+    /// round the log never started).
+    #[error("{}: round {round} cannot follow round {current}", path.display())]
+    RoundOrder {
+        /// The change log.
+        path: PathBuf,
+        /// The round asked for.
+        round: u32,
+        /// The log's current round.
+        current: u32,
+    },
     /// The change log is sealed; nothing more can be appended.
     #[error("{} is sealed", path.display())]
     Sealed {

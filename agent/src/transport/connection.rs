@@ -701,8 +701,13 @@ impl Driver {
                 }
                 self.maybe_start_scan();
             }
-            AgentEvent::Acked { slot, next_block } => {
-                debug!(slot, next_block, "acknowledged");
+            AgentEvent::Acked { slot, at } => {
+                debug!(
+                    slot,
+                    round = at.round,
+                    next_block = at.block,
+                    "acknowledged"
+                );
             }
             AgentEvent::Committed(c) => {
                 if let Some(s) = &mut self.session {

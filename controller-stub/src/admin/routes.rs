@@ -278,6 +278,42 @@ pub fn metrics(ctl: &Controller) -> String {
             .collect(),
     );
     metric(
+        "tideline_disk_latest_point_consistency",
+        "gauge",
+        "Consistency of the disk's latest point: 0 none, 1 crash (hypervisor), 2 crash (snapshot), 3 crash (frozen), 4 application.",
+        disks
+            .iter()
+            .filter_map(|(a, d)| {
+                d.latest_consistency.as_ref().map(|c| {
+                    (
+                        format!(
+                            "{{agent=\"{a}\",disk=\"{}\",level=\"{}\"}}",
+                            d.id,
+                            c.level.as_str()
+                        ),
+                        c.level.code().to_string(),
+                    )
+                })
+            })
+            .collect(),
+    );
+    metric(
+        "tideline_disk_latest_point_frozen_milliseconds",
+        "gauge",
+        "How long the filesystems were frozen for the disk's latest point (0: not frozen).",
+        disks
+            .iter()
+            .filter_map(|(a, d)| {
+                d.latest_consistency.as_ref().map(|c| {
+                    (
+                        format!("{{agent=\"{a}\",disk=\"{}\"}}", d.id),
+                        c.frozen_ms.to_string(),
+                    )
+                })
+            })
+            .collect(),
+    );
+    metric(
         "tideline_disk_rpo_lag_seconds",
         "gauge",
         "Age of the disk's latest committed recovery point.",

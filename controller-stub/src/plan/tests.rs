@@ -773,7 +773,7 @@ fn the_store_answers_as_a_replica_lookup() {
         let b = store
             .begin_point("cloud-web01", "disk0", point, None, size, BS)
             .unwrap();
-        b.commit(&root, 0).unwrap();
+        b.commit(&root, 0, &Default::default()).unwrap();
     }
     let found = |p| store.find_point("cloud-web01", "disk0", p).unwrap();
     assert_eq!(

@@ -15,11 +15,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tideline_protocol::digest::page_digest;
 use tideline_protocol::resize::{can_carry, carried_entry};
-use tideline_protocol::{Digest, Encoding, Geometry, IndexRootHasher, ZeroDigests, PAGE_BLOCKS};
+use tideline_protocol::{
+    Digest, Encoding, Geometry, IndexRootHasher, PointConsistency, Position, ZeroDigests,
+    PAGE_BLOCKS,
+};
 
 use super::error::{io_err, StoreError};
 use super::index_file::{self, IndexReader, IndexWriter};
-use super::point::{point_name, Manifest, PointInfo, INDEX, MANIFEST};
+use super::point::{point_name, ConsistencyInfo, Manifest, PointInfo, INDEX, MANIFEST};
 use super::staging::{LogParams, Record, StagingLog};
 use super::{check_id, fsutil, lock, PointId, Store};
 
@@ -198,7 +201,8 @@ impl Store {
 
 impl PointBuilder<'_> {
     /// Records that block `block` of the new point has `digest`. Blocks must
-    /// come in strictly ascending order and lie within the disk; a digest
+    /// come in strictly ascending order within a round and lie within the
+    /// disk; a digest
     /// other than the block's zero digest must name a stored chunk of the
     /// block's length. Buffered: see [`Self::checkpoint`].
     pub fn record(&mut self, block: u64, digest: Digest) -> Result<(), StoreError> {
@@ -225,21 +229,27 @@ impl PointBuilder<'_> {
         self.log.sync()
     }
 
-    /// Forgets the records for blocks `>= block` (a resumed session starts
-    /// again from there).
-    pub fn truncate_from(&mut self, block: u64) -> Result<(), StoreError> {
-        self.log.truncate_from(block)
+    /// Starts round `round` (the next one): its blocks replace the same
+    /// blocks of earlier rounds.
+    pub fn begin_round(&mut self, round: u32) -> Result<(), StoreError> {
+        self.log.begin_round(round)
     }
 
-    /// Number of blocks recorded.
+    /// Forgets the records at and after `at` (a resumed session starts
+    /// again from there).
+    pub fn truncate_from(&mut self, at: Position) -> Result<(), StoreError> {
+        self.log.truncate_from(at)
+    }
+
+    /// Number of block records, in every round.
     pub fn recorded(&self) -> u64 {
         self.log.count()
     }
 
-    /// The block after the last one recorded (where a resumed session can
-    /// continue), 0 when nothing is recorded.
-    pub fn next_block(&self) -> u64 {
-        self.log.last().map_or(0, |l| l + 1)
+    /// The position after the last block recorded (where a resumed session
+    /// can continue).
+    pub fn next_position(&self) -> Position {
+        Position::new(self.log.round(), self.log.last().map_or(0, |l| l + 1))
     }
 
     /// The point's geometry.
@@ -250,11 +260,14 @@ impl PointBuilder<'_> {
     /// Builds the new index, checks its root against `expected_root` and,
     /// if they agree, commits the point atomically and removes the staging
     /// log. On a mismatch ([`StoreError::IndexRootMismatch`]) nothing is
-    /// committed and the staging log is kept (`truncate_from(0)` restarts).
+    /// committed and the staging log is kept (`truncate_from` position 0
+    /// restarts). `consistency` is what the agent says of the point; it goes
+    /// into the manifest as it is.
     pub fn commit(
         mut self,
         expected_root: &Digest,
         new_bytes: u64,
+        consistency: &PointConsistency,
     ) -> Result<PointInfo, StoreError> {
         let disk_dir = self.store.disk_dir(&self.agent, &self.disk)?;
         let name = point_name(self.point);
@@ -269,7 +282,7 @@ impl PointBuilder<'_> {
         let tmp_dir = disk_dir.join(format!("{name}.tmp"));
         fsutil::remove_if_exists(&tmp_dir)?;
         fs::create_dir(&tmp_dir).map_err(io_err(&tmp_dir))?;
-        let written = self.write_point(&tmp_dir, expected_root, new_bytes);
+        let written = self.write_point(&tmp_dir, expected_root, new_bytes, consistency);
         let info = match written {
             Ok(info) => info,
             Err(e) => {
@@ -292,6 +305,8 @@ impl PointBuilder<'_> {
             disk = %info.disk,
             point = info.point,
             changed_blocks = info.changed_blocks,
+            consistency = %info.consistency.level,
+            frozen_ms = info.consistency.frozen_ms,
             "recovery point committed"
         );
         Ok(info)
@@ -304,6 +319,7 @@ impl PointBuilder<'_> {
         dir: &std::path::Path,
         expected_root: &Digest,
         new_bytes: u64,
+        consistency: &PointConsistency,
     ) -> Result<PointInfo, StoreError> {
         let store = self.store;
         let new_count = self.geometry.block_count;
@@ -322,8 +338,8 @@ impl PointBuilder<'_> {
         let mut writer = IndexWriter::create(&dir.join(INDEX), self.geometry)?;
         let mut hasher = IndexRootHasher::new();
         let zero = self.zero;
-        let changed_blocks = self.log.count();
-        let mut records = self.log.records()?;
+        let mut changed_blocks = 0u64;
+        let mut records = self.log.merged()?;
         let mut pending = records.next_record()?;
         let mut entries: Vec<Digest> = Vec::with_capacity(PAGE_BLOCKS);
         let mut page_bytes: Vec<u8> = Vec::with_capacity(PAGE_BLOCKS * Digest::LEN);
@@ -358,8 +374,9 @@ impl PointBuilder<'_> {
                     }
                     let mut last = None;
                     while let Some(r) = pending.filter(|r| r.block < end) {
-                        // record() and the resume scan keep the log
-                        // ascending; re-checked since it is read from disk.
+                        // record() and the resume scan keep each round
+                        // ascending, and the merge keeps the whole list so;
+                        // re-checked since it is read from disk.
                         if r.block < first || last.is_some_and(|l| r.block <= l) {
                             return Err(StoreError::BlockOrder {
                                 block: r.block,
@@ -368,6 +385,7 @@ impl PointBuilder<'_> {
                         }
                         entries[(r.block - first) as usize] = r.digest;
                         last = Some(r.block);
+                        changed_blocks += 1;
                         pending = records.next_record()?;
                     }
                     page_bytes.clear();
@@ -412,6 +430,7 @@ impl PointBuilder<'_> {
                 .map_or(0, |d| d.as_secs()),
             changed_blocks,
             new_bytes,
+            consistency: ConsistencyInfo::from(consistency),
         };
         let manifest = Manifest {
             info: info.clone(),

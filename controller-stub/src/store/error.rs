@@ -80,6 +80,15 @@ pub enum StoreError {
         /// The last block recorded before it.
         last: u64,
     },
+    /// A round does not follow the current one (or a resume names a round
+    /// the staging log never started).
+    #[error("round {round} cannot follow round {current}")]
+    RoundOrder {
+        /// The round asked for.
+        round: u32,
+        /// The staging log's current round.
+        current: u32,
+    },
     /// A block number lies past the end of the disk.
     #[error("block {block} is out of range (disk has {block_count} blocks)")]
     BlockOutOfRange {

@@ -623,7 +623,7 @@ mod tests {
                 b.record(i, d).unwrap();
             }
         }
-        b.commit(&root.finish(), 0).unwrap();
+        b.commit(&root.finish(), 0, &Default::default()).unwrap();
     }
 
     fn fill_random(buf: &mut [u8], seed: u64) {

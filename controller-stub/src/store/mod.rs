@@ -73,7 +73,7 @@ use tideline_protocol::{Digest, Encoding};
 pub use builder::PointBuilder;
 pub use error::StoreError;
 pub use export::{ExportReport, VerifyReport};
-pub use point::PointInfo;
+pub use point::{ConsistencyInfo, PointInfo};
 
 use catalogue::Catalogue;
 use error::io_err;

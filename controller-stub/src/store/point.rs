@@ -16,15 +16,21 @@
 //!
 //! A JSON object with the fields of [`PointInfo`] (`agent`, `disk`, `point`,
 //! `base` (null or an id), `disk_size`, `block_size`, `block_count`, `root`
-//! (64 hex digits), `created_unix`, `changed_blocks`, `new_bytes`) and
-//! `index_crc`, the CRC of the `index` file it commits. Points are
-//! immutable: nothing rewrites a manifest.
+//! (64 hex digits), `created_unix`, `changed_blocks`, `new_bytes`,
+//! `consistency`) and `index_crc`, the CRC of the `index` file it commits.
+//! `consistency` is an object: `level` (`none`, `crash-hypervisor`,
+//! `crash-snapshot`, `crash-frozen` or `application`), `frozen_ms` (how long
+//! the agent kept the filesystems frozen), `rounds` (copies of the disk's
+//! changes the session made) and `note` (why the level is not higher, or
+//! what happened on the way). Manifests written before points stated their
+//! consistency have no `consistency`, and read as level `none`: they were
+//! read from live disks. Points are immutable: nothing rewrites a manifest.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tideline_protocol::{Digest, Geometry};
+use tideline_protocol::{Consistency, Digest, Geometry, PointConsistency};
 
 use super::error::{io_err, StoreError};
 use super::index_file::valid_geometry;
@@ -63,6 +69,53 @@ pub struct PointInfo {
     /// Bytes newly stored by that session, as its caller reported.
     #[serde(default)]
     pub new_bytes: u64,
+    /// How consistent the point is, as the agent stated it.
+    #[serde(default)]
+    pub consistency: ConsistencyInfo,
+}
+
+/// A point's consistency as its manifest records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ConsistencyInfo {
+    /// The level reached.
+    #[serde(with = "level_spelling")]
+    pub level: Consistency,
+    /// Milliseconds the filesystems were frozen (0: not frozen).
+    #[serde(default)]
+    pub frozen_ms: u32,
+    /// Rounds the session copied for this disk.
+    #[serde(default)]
+    pub rounds: u32,
+    /// Why the level is not higher, or what happened on the way.
+    #[serde(default)]
+    pub note: String,
+}
+
+impl From<&PointConsistency> for ConsistencyInfo {
+    fn from(c: &PointConsistency) -> Self {
+        ConsistencyInfo {
+            level: c.level,
+            frozen_ms: c.frozen_ms,
+            rounds: c.rounds,
+            note: c.note.clone(),
+        }
+    }
+}
+
+/// `Consistency` in manifests and JSON: its stable spelling.
+mod level_spelling {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use tideline_protocol::Consistency;
+
+    pub fn serialize<S: Serializer>(c: &Consistency, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(c.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Consistency, D::Error> {
+        let s = String::deserialize(d)?;
+        Consistency::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown consistency level {s:?}")))
+    }
 }
 
 impl PointInfo {

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use tideline_protocol::resize::carried_entry;
-use tideline_protocol::{Digest, Encoding, IndexRootHasher, ZeroDigests};
+use tideline_protocol::{
+    Consistency, Digest, Encoding, IndexRootHasher, PointConsistency, Position, ZeroDigests,
+};
 
 use super::*;
 
@@ -68,7 +70,8 @@ fn sync(store: &Store, point: PointId, base: Option<(PointId, &[u8])>, img: &[u8
         .begin_point(AGENT, DISK, point, base.map(|b| b.0), img.len() as u64, BS)
         .unwrap();
     record_changes(store, &mut b, base.map(|b| b.1), img);
-    b.commit(&root_of(&digests(img)), 0).unwrap()
+    b.commit(&root_of(&digests(img)), 0, &Default::default())
+        .unwrap()
 }
 
 fn record_changes(store: &Store, b: &mut PointBuilder<'_>, base: Option<&[u8]>, img: &[u8]) {
@@ -76,7 +79,7 @@ fn record_changes(store: &Store, b: &mut PointBuilder<'_>, base: Option<&[u8]>, 
     let old = base.map(digests).unwrap_or_default();
     for (i, block) in img.chunks(BS as usize).enumerate() {
         let i = i as u64;
-        if i < b.next_block() {
+        if i < b.next_position().block {
             continue;
         }
         let d = Digest::of(block);
@@ -234,7 +237,9 @@ fn root_mismatch_commits_nothing_and_log_resumes() {
         .begin_point(AGENT, DISK, 2, Some(1), img2.len() as u64, BS)
         .unwrap();
     record_changes(&store, &mut b, Some(&img1), &img2);
-    let err = b.commit(&Digest::of(b"wrong"), 0).unwrap_err();
+    let err = b
+        .commit(&Digest::of(b"wrong"), 0, &Default::default())
+        .unwrap_err();
     assert!(matches!(err, StoreError::IndexRootMismatch { .. }), "{err}");
     assert_eq!(store.points(AGENT, DISK).unwrap().len(), 1);
     let names: Vec<_> = fsutil::list_dir(&disk_dir(dir.path())).unwrap();
@@ -249,9 +254,77 @@ fn root_mismatch_commits_nothing_and_log_resumes() {
         .begin_point(AGENT, DISK, 2, Some(1), img2.len() as u64, BS)
         .unwrap();
     assert_eq!(b.recorded(), 1);
-    assert_eq!(b.next_block(), 11);
-    b.commit(&root_of(&digests(&img2)), 0).unwrap();
+    assert_eq!(b.next_position().block, 11);
+    b.commit(&root_of(&digests(&img2)), 0, &Default::default())
+        .unwrap();
     assert_eq!(export(&store, 2), img2);
+}
+
+#[test]
+fn rounds_replace_earlier_copies_and_the_manifest_keeps_consistency() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // Round 0 copies the disk as it was; while it ran, blocks 3, 9 and the
+    // last one changed, and block 5 became zero: round 1 copies those again.
+    let first = image(700 * 1024, 11);
+    let mut now = first.clone();
+    let bs = BS as usize;
+    now[3 * bs..4 * bs].fill(0xa1);
+    now[9 * bs..10 * bs].fill(0xb2);
+    now[5 * bs..6 * bs].fill(0);
+    let last = now.len() - 100;
+    now[last..].fill(0xc3);
+    let mut b = store
+        .begin_point(AGENT, DISK, 1, None, now.len() as u64, BS)
+        .unwrap();
+    record_changes(&store, &mut b, None, &first);
+    b.checkpoint().unwrap();
+    b.begin_round(1).unwrap();
+    assert!(b.begin_round(3).is_err());
+    let zero = ZeroDigests::new(now.len() as u64, BS);
+    let count = now.len().div_ceil(bs) as u64;
+    for i in [3u64, 5, 9, count - 1] {
+        let block = &now[i as usize * bs..((i as usize + 1) * bs).min(now.len())];
+        let d = Digest::of(block);
+        if !zero.is_zero(i, &d) {
+            put(&store, block);
+        }
+        b.record(i, d).unwrap();
+    }
+    assert_eq!(b.next_position(), Position::new(1, count));
+    let consistency = PointConsistency {
+        level: Consistency::CrashFrozen,
+        frozen_ms: 17,
+        rounds: 2,
+        note: "test".into(),
+    };
+    let info = b.commit(&root_of(&digests(&now)), 0, &consistency).unwrap();
+    assert_eq!(export(&store, 1), now);
+    assert_eq!(info.consistency.level, Consistency::CrashFrozen);
+    // Distinct blocks, not records: round 1 re-sent four of them.
+    let mut distinct: std::collections::BTreeSet<u64> = digests(&first)
+        .iter()
+        .enumerate()
+        .filter(|(i, d)| !zero.is_zero(*i as u64, d))
+        .map(|(i, _)| i as u64)
+        .collect();
+    distinct.extend([3, 5, 9, count - 1]);
+    assert_eq!(info.changed_blocks, distinct.len() as u64);
+    let again = Store::open(dir.path())
+        .unwrap()
+        .point(AGENT, DISK, 1)
+        .unwrap();
+    assert_eq!(again.consistency, info.consistency);
+    assert_eq!(again.consistency.frozen_ms, 17);
+}
+
+#[test]
+fn manifests_without_consistency_read_as_none() {
+    let json = r#"{"agent":"a","disk":"d","point":1,"base":null,"disk_size":4096,
+        "block_size":4096,"block_count":1,"root":"00","created_unix":0,"changed_blocks":0,
+        "index_crc":0}"#;
+    let m: point::Manifest = serde_json::from_str(json).unwrap();
+    assert_eq!(m.info.consistency.level, Consistency::None);
 }
 
 #[test]
@@ -268,14 +341,15 @@ fn truncate_from_then_rerecord() {
     b.checkpoint().unwrap();
     let all = b.recorded();
     // ...resumes from block 40 with what the disk holds now.
-    b.truncate_from(40).unwrap();
+    b.truncate_from(Position::new(0, 40)).unwrap();
     assert!(b.recorded() < all);
-    assert!(b.next_block() <= 40);
+    assert!(b.next_position().block <= 40);
     // Blocks before 40 must hold the new image too: record them afresh.
-    b.truncate_from(0).unwrap();
+    b.truncate_from(Position::default()).unwrap();
     assert_eq!(b.recorded(), 0);
     record_changes(&store, &mut b, None, &img);
-    b.commit(&root_of(&digests(&img)), 123).unwrap();
+    b.commit(&root_of(&digests(&img)), 123, &Default::default())
+        .unwrap();
     assert_eq!(store.point(AGENT, DISK, 1).unwrap().new_bytes, 123);
     assert_eq!(export(&store, 1), img);
 }
@@ -294,9 +368,10 @@ fn partial_truncate_keeps_prefix() {
     let mut mixed = img[..split].to_vec();
     mixed.extend_from_slice(&wrong[split..]);
     record_changes(&store, &mut b, None, &mixed);
-    b.truncate_from(40).unwrap();
+    b.truncate_from(Position::new(0, 40)).unwrap();
     record_changes(&store, &mut b, None, &img);
-    b.commit(&root_of(&digests(&img)), 0).unwrap();
+    b.commit(&root_of(&digests(&img)), 0, &Default::default())
+        .unwrap();
     assert_eq!(export(&store, 1), img);
 }
 
@@ -323,7 +398,8 @@ fn resume_after_drop_and_reopen() {
         .unwrap();
     assert!(b.recorded() > 0);
     record_changes(&store, &mut b, None, &img);
-    b.commit(&root_of(&digests(&img)), 0).unwrap();
+    b.commit(&root_of(&digests(&img)), 0, &Default::default())
+        .unwrap();
     assert_eq!(export(&store, 1), img);
 }
 
@@ -525,7 +601,7 @@ fn builder_refuses_bad_input() {
     let mut ds = vec![Digest::of_zeros(BS as usize); 10];
     ds[3] = Digest::of(&full);
     ds.push(Digest::of_zeros(100));
-    b.commit(&root_of(&ds), 0).unwrap();
+    b.commit(&root_of(&ds), 0, &Default::default()).unwrap();
     assert!(matches!(
         store.begin_point(AGENT, DISK, 1, None, size, BS),
         Err(StoreError::PointExists { .. })

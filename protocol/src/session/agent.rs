@@ -5,6 +5,7 @@
 //!   idle      --StartSync-->          awaiting ready   (shell inspects its maps)
 //!   awaiting  --send_ready-->         indexing (slots that need the base index)
 //!   indexing  --IndexEnd for each-->  streaming
+//!   streaming --send_round-->         streaming, the slot's next round from block 0
 //!   streaming --send_disk_end, all--> draining (waiting for Committed)
 //!   any       --SessionEnd-->         idle
 //!   idle      --StartFailback-->      a failback pass (see `agent_failback.rs`)
@@ -14,7 +15,7 @@ use crate::digest::Digest;
 use crate::encoding::Encoding;
 use crate::frame::{begin_frame, finish_frame};
 use crate::message::{
-    kind, Block, Committed, DiskEnd, ErrorMsg, Hello, IndexChunk, Inventory, Message,
+    kind, Block, Committed, DiskEnd, ErrorMsg, Hello, IndexChunk, Inventory, Message, Position,
     StartFailback, StartSync, SyncReady, PROTOCOL_VERSION,
 };
 use crate::session::ProtocolError;
@@ -82,12 +83,12 @@ pub enum AgentEvent {
         /// Slot.
         slot: u16,
     },
-    /// Every block of the slot before `next_block` is durably stored.
+    /// Every block of the slot before `at` is durably stored.
     Acked {
         /// Slot.
         slot: u16,
         /// Resume position.
-        next_block: u64,
+        at: Position,
     },
     /// A slot's point is committed: the block map may advance.
     Committed(Committed),
@@ -125,7 +126,8 @@ enum Phase {
 struct SlotState {
     needs_index: bool,
     index_done: bool,
-    next_block: u64,
+    /// Where the next block of the slot may be.
+    at: Position,
     block_count: u64,
     ended: bool,
     committed: bool,
@@ -136,7 +138,7 @@ struct SyncState {
     session: u64,
     phase: Phase,
     slots: Vec<SlotState>,
-    resume: Vec<u64>,
+    resume: Vec<Position>,
 }
 
 /// An established control channel, agent side.
@@ -294,16 +296,16 @@ impl AgentLink {
                 self.maybe_start_streaming();
                 Ok(Some(AgentEvent::IndexComplete { slot }))
             }
-            Message::Ack { slot, next_block } => {
+            Message::Ack { slot, at } => {
                 let st = self.slot_mut(slot, "Ack")?;
-                if next_block > st.next_block {
+                if at > st.at {
                     return Err(ProtocolError::BadBlock {
                         slot,
-                        block: next_block,
+                        block: at.block,
                         why: "acknowledged past what was sent",
                     });
                 }
-                Ok(Some(AgentEvent::Acked { slot, next_block }))
+                Ok(Some(AgentEvent::Acked { slot, at }))
             }
             Message::Committed(c) => {
                 let st = self.slot_mut(c.slot, "Committed")?;
@@ -395,7 +397,7 @@ impl AgentLink {
             .map(|(d, &resume)| SlotState {
                 needs_index: d.needs_index,
                 index_done: false,
-                next_block: resume,
+                at: resume,
                 block_count: crate::digest::Geometry::new(d.disk_size, d.block_size).block_count,
                 ended: false,
                 committed: false,
@@ -436,8 +438,9 @@ impl AgentLink {
         Ok(st)
     }
 
-    /// Queues a block. Blocks of a slot go in ascending order from the
-    /// resume position; the payload is copied straight into the frame.
+    /// Queues a block. Blocks of a slot go in ascending order within a
+    /// round, from the resume position; the payload is copied straight into
+    /// the frame.
     pub fn send_block(
         &mut self,
         slot: u16,
@@ -448,14 +451,14 @@ impl AgentLink {
         payload: &[u8],
     ) -> Result<(), ProtocolError> {
         let st = self.streaming_slot(slot, "Block")?;
-        if block < st.next_block || block >= st.block_count {
+        if block < st.at.block || block >= st.block_count {
             return Err(ProtocolError::BadBlock {
                 slot,
                 block,
                 why: "out of order or past the end of the disk",
             });
         }
-        st.next_block = block + 1;
+        st.at.block = block + 1;
         let start = begin_frame(&mut self.out, kind::BLOCK);
         let mut w = Writer::new(&mut self.out);
         w.u16(slot);
@@ -468,19 +471,44 @@ impl AgentLink {
         Ok(())
     }
 
-    /// Reports that every block before `next_block` has been scanned.
+    /// Reports that every block of the current round before `next_block`
+    /// has been scanned.
     pub fn send_checkpoint(&mut self, slot: u16, next_block: u64) -> Result<(), ProtocolError> {
         let st = self.streaming_slot(slot, "Checkpoint")?;
-        if next_block < st.next_block || next_block > st.block_count {
+        if next_block < st.at.block || next_block > st.block_count {
             return Err(ProtocolError::BadBlock {
                 slot,
                 block: next_block,
                 why: "checkpoint behind the last block sent or past the end",
             });
         }
-        st.next_block = next_block;
-        Message::Checkpoint { slot, next_block }.encode(&mut self.out);
+        st.at.block = next_block;
+        let at = st.at;
+        Message::Checkpoint { slot, at }.encode(&mut self.out);
         Ok(())
+    }
+
+    /// Ends the slot's current round and begins the next, from block 0.
+    pub fn send_round(&mut self, slot: u16) -> Result<u32, ProtocolError> {
+        let st = self.streaming_slot(slot, "Round")?;
+        let round = st.at.round + 1;
+        if round >= crate::limits::MAX_ROUNDS {
+            return Err(ProtocolError::Inconsistent(format!(
+                "slot {slot} would need round {round}, the limit is {}",
+                crate::limits::MAX_ROUNDS - 1
+            )));
+        }
+        st.at = Position::new(round, 0);
+        Message::Round { slot, round }.encode(&mut self.out);
+        Ok(round)
+    }
+
+    /// The slot's current position (round, next block).
+    pub fn position(&self, slot: u16) -> Option<Position> {
+        self.session
+            .as_ref()
+            .and_then(|s| s.slots.get(usize::from(slot)))
+            .map(|st| st.at)
     }
 
     /// Ends a slot with the root of its new index.
@@ -493,7 +521,7 @@ impl AgentLink {
             )));
         }
         st.ended = true;
-        st.next_block = st.block_count;
+        st.at.block = st.block_count;
         Message::DiskEnd(end).encode(&mut self.out);
         if let Some(s) = &mut self.session {
             if s.slots.iter().all(|t| t.ended) {

@@ -10,14 +10,15 @@
 //!   idle       --start_failback-->    a failback pass (see `controller_failback.rs`)
 //! ```
 //!
-//! The link enforces that blocks of a slot arrive in ascending order, from
-//! the resume position, within the disk, with the length the disk geometry
-//! gives that block.
+//! The link enforces that blocks of a slot arrive in ascending order within
+//! a round, from the resume position, within the disk, with the length the
+//! disk geometry gives that block, and that rounds follow each other.
 
 use crate::digest::Geometry;
 use crate::message::{
     Block, Committed, DiskEnd, ErrorCode, ErrorMsg, FailbackDone, FailbackProgress, FailbackReady,
-    Hello, IndexChunk, Inventory, Message, StartSync, SyncReady, Welcome, PROTOCOL_VERSION,
+    Hello, IndexChunk, Inventory, Message, Position, StartSync, SyncReady, Welcome,
+    PROTOCOL_VERSION,
 };
 use crate::session::ProtocolError;
 
@@ -94,13 +95,21 @@ pub enum ControllerEvent {
     SyncReady(SyncReady),
     /// A block to verify and store (order and range already checked).
     Block(Block),
-    /// The agent has scanned a slot up to `next_block`: make what was
-    /// received durable, then [`ControllerLink::send_ack`].
+    /// The agent has scanned a slot up to `at`: make what was received
+    /// durable, then [`ControllerLink::send_ack`].
     Checkpoint {
         /// Slot.
         slot: u16,
-        /// Next block to scan.
-        next_block: u64,
+        /// Next position to scan.
+        at: Position,
+    },
+    /// A slot's next round begins: its blocks replace those of earlier
+    /// rounds.
+    Round {
+        /// Slot.
+        slot: u16,
+        /// The round that begins.
+        round: u32,
     },
     /// A slot is complete: compare roots, commit, then
     /// [`ControllerLink::send_committed`].
@@ -135,7 +144,8 @@ struct SlotState {
     geometry: Geometry,
     needs_index: bool,
     index_done: bool,
-    next_block: u64,
+    /// Where the next block of the slot may be.
+    at: Position,
     ended: bool,
 }
 
@@ -245,6 +255,7 @@ impl ControllerLink {
                 Message::SyncReady(_)
                     | Message::Block(_)
                     | Message::Checkpoint { .. }
+                    | Message::Round { .. }
                     | Message::DiskEnd(_)
                     | Message::FailbackReady(_)
                     | Message::TargetChunk(_)
@@ -294,7 +305,7 @@ impl ControllerLink {
             }
             Message::Block(b) => {
                 let st = self.streaming_slot(b.slot, "Block")?;
-                if b.block < st.next_block {
+                if b.block < st.at.block {
                     return Err(ProtocolError::BadBlock {
                         slot: b.slot,
                         block: b.block,
@@ -315,20 +326,34 @@ impl ControllerLink {
                         why: "length differs from the disk geometry",
                     });
                 }
-                st.next_block = b.block + 1;
+                st.at.block = b.block + 1;
                 Ok(Some(ControllerEvent::Block(b)))
             }
-            Message::Checkpoint { slot, next_block } => {
+            Message::Checkpoint { slot, at } => {
                 let st = self.streaming_slot(slot, "Checkpoint")?;
-                if next_block < st.next_block || next_block > st.geometry.block_count {
+                if at.round != st.at.round
+                    || at.block < st.at.block
+                    || at.block > st.geometry.block_count
+                {
                     return Err(ProtocolError::BadBlock {
                         slot,
-                        block: next_block,
-                        why: "checkpoint behind the last block or past the end",
+                        block: at.block,
+                        why: "checkpoint in another round, behind the last block or past the end",
                     });
                 }
-                st.next_block = next_block;
-                Ok(Some(ControllerEvent::Checkpoint { slot, next_block }))
+                st.at = at;
+                Ok(Some(ControllerEvent::Checkpoint { slot, at }))
+            }
+            Message::Round { slot, round } => {
+                let st = self.streaming_slot(slot, "Round")?;
+                if round != st.at.round + 1 {
+                    return Err(ProtocolError::Inconsistent(format!(
+                        "slot {slot} is in round {}; round {round} cannot begin",
+                        st.at.round
+                    )));
+                }
+                st.at = Position::new(round, 0);
+                Ok(Some(ControllerEvent::Round { slot, round }))
             }
             Message::DiskEnd(end) => {
                 let st = self.streaming_slot(end.slot, "DiskEnd")?;
@@ -339,7 +364,7 @@ impl ControllerLink {
                     )));
                 }
                 st.ended = true;
-                st.next_block = st.geometry.block_count;
+                st.at.block = st.geometry.block_count;
                 Ok(Some(ControllerEvent::DiskEnd(end)))
             }
             other => Err(ProtocolError::Unexpected {
@@ -386,17 +411,17 @@ impl ControllerLink {
                 )));
             }
             let geometry = Geometry::new(d.disk_size, d.block_size);
-            if req.resume_from > geometry.block_count {
+            if req.resume_from.block > geometry.block_count {
                 return Err(ProtocolError::Inconsistent(format!(
                     "disk {:?} resumes at block {} past its end ({} blocks)",
-                    req.id, req.resume_from, geometry.block_count
+                    req.id, req.resume_from.block, geometry.block_count
                 )));
             }
             slots.push(SlotState {
                 geometry,
                 needs_index: d.needs_index,
                 index_done: false,
-                next_block: req.resume_from,
+                at: req.resume_from,
                 ended: false,
             });
         }
@@ -481,8 +506,8 @@ impl ControllerLink {
         Ok(())
     }
 
-    /// Acknowledges that every block of a slot before `next_block` is stored.
-    pub fn send_ack(&mut self, slot: u16, next_block: u64) -> Result<(), ProtocolError> {
+    /// Acknowledges that every block of a slot before `at` is stored.
+    pub fn send_ack(&mut self, slot: u16, at: Position) -> Result<(), ProtocolError> {
         let s = self.session.as_ref().ok_or(ProtocolError::Unexpected {
             got: "Ack",
             state: "no session",
@@ -492,14 +517,14 @@ impl ControllerLink {
             .slots
             .get(usize::from(slot))
             .ok_or(ProtocolError::NoSuchSlot { slot, slots: n })?;
-        if next_block > st.next_block {
+        if at > st.at {
             return Err(ProtocolError::BadBlock {
                 slot,
-                block: next_block,
+                block: at.block,
                 why: "ack past what was received",
             });
         }
-        Message::Ack { slot, next_block }.encode(&mut self.out);
+        Message::Ack { slot, at }.encode(&mut self.out);
         Ok(())
     }
 

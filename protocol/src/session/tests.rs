@@ -7,8 +7,8 @@ use crate::digest::{Digest, Geometry, IndexRootHasher, ZeroDigests};
 use crate::encoding::Encoding;
 use crate::message::{
     decode_stream, BaseRef, Committed, DiskEnd, DiskInfo, FailbackDone, FailbackReady,
-    FailbackTarget, IndexChunk, Inventory, Message, ReadyDisk, ReadyTarget, StartFailback,
-    StartSync, SyncDisk, SyncReady, TargetDescription, TargetInfo,
+    FailbackTarget, IndexChunk, Inventory, Message, Position, ReadyDisk, ReadyTarget,
+    StartFailback, StartSync, SyncDisk, SyncReady, TargetDescription, TargetInfo,
 };
 
 fn connect() -> (AgentLink, ControllerLink) {
@@ -53,6 +53,7 @@ fn pump_to_agent(ctl: &mut ControllerLink, agent: &mut AgentLink) -> Vec<AgentEv
 }
 
 fn start(ctl: &mut ControllerLink, base: Option<BaseRef>, resume_from: u64) {
+    let resume_from = Position::new(0, resume_from);
     ctl.start_sync(StartSync {
         session: 7,
         disks: vec![SyncDisk {
@@ -133,15 +134,15 @@ fn full_session_with_index_download() {
         ev[1],
         ControllerEvent::Checkpoint {
             slot: 0,
-            next_block: 5
+            at: Position::new(0, 5)
         }
     );
-    ctl.send_ack(0, 5).unwrap();
+    ctl.send_ack(0, Position::new(0, 5)).unwrap();
     assert_eq!(
         pump_to_agent(&mut ctl, &mut agent),
         vec![AgentEvent::Acked {
             slot: 0,
-            next_block: 5
+            at: Position::new(0, 5)
         }]
     );
 
@@ -152,6 +153,7 @@ fn full_session_with_index_download() {
             block_count: g.block_count,
             sent_blocks: 1,
             root,
+            consistency: Default::default(),
         })
         .unwrap();
     let ev = pump_to_controller(&mut agent, &mut ctl);
@@ -224,9 +226,83 @@ fn controller_refuses_out_of_order_and_out_of_range_blocks() {
     assert!(matches!(
         ctl.handle(Message::Checkpoint {
             slot: 3,
-            next_block: 6
+            at: Position::new(0, 6)
         }),
         Err(ProtocolError::NoSuchSlot { .. })
+    ));
+}
+
+#[test]
+fn rounds_restart_the_block_order_and_order_positions() {
+    let (mut agent, mut ctl) = connect();
+    start(&mut ctl, None, 0);
+    pump_to_agent(&mut ctl, &mut agent);
+    agent
+        .send_ready(SyncReady {
+            session: 7,
+            disks: vec![ReadyDisk {
+                disk_size: 10 * 4096,
+                block_size: 4096,
+                needs_index: false,
+            }],
+        })
+        .unwrap();
+    let data = [7u8; 4096];
+    let d = Digest::of(&data);
+    agent
+        .send_block(0, 8, Encoding::Raw, 4096, &d, &data)
+        .unwrap();
+    agent.send_checkpoint(0, 10).unwrap();
+    assert_eq!(agent.send_round(0).unwrap(), 1);
+    // A later round may go back to any block: it replaces earlier copies.
+    agent
+        .send_block(0, 2, Encoding::Raw, 4096, &d, &data)
+        .unwrap();
+    agent.send_checkpoint(0, 4).unwrap();
+    assert_eq!(agent.position(0), Some(Position::new(1, 4)));
+    let ev = pump_to_controller(&mut agent, &mut ctl);
+    assert_eq!(ev.len(), 6, "{ev:?}");
+    assert_eq!(ev[3], ControllerEvent::Round { slot: 0, round: 1 });
+    assert_eq!(
+        ev[5],
+        ControllerEvent::Checkpoint {
+            slot: 0,
+            at: Position::new(1, 4)
+        }
+    );
+    // An ack of round 0 is behind round 1's position; one past it is refused.
+    ctl.send_ack(0, Position::new(0, 10)).unwrap();
+    assert!(ctl.send_ack(0, Position::new(1, 5)).is_err());
+    assert_eq!(
+        pump_to_agent(&mut ctl, &mut agent),
+        vec![AgentEvent::Acked {
+            slot: 0,
+            at: Position::new(0, 10)
+        }]
+    );
+    // A round that skips one, or a checkpoint of an old round, is refused.
+    assert!(ctl.handle(Message::Round { slot: 0, round: 3 }).is_err());
+    let (mut agent, mut ctl) = connect();
+    start(&mut ctl, None, 0);
+    pump_to_agent(&mut ctl, &mut agent);
+    agent
+        .send_ready(SyncReady {
+            session: 7,
+            disks: vec![ReadyDisk {
+                disk_size: 10 * 4096,
+                block_size: 4096,
+                needs_index: false,
+            }],
+        })
+        .unwrap();
+    pump_to_controller(&mut agent, &mut ctl);
+    ctl.handle(Message::Round { slot: 0, round: 1 }).unwrap();
+    assert!(matches!(
+        ctl.handle(Message::Checkpoint {
+            slot: 0,
+            at: Position::new(0, 3)
+        }),
+        Err(ProtocolError::BadBlock { .. })
     ));
 }
 
@@ -263,7 +339,7 @@ fn start_sync_requires_inventory_and_known_disks() {
                 id: "x".into(),
                 point: 1,
                 base: None,
-                resume_from: 0
+                resume_from: Position::default()
             }]
         })
         .is_err());
@@ -275,7 +351,7 @@ fn start_sync_requires_inventory_and_known_disks() {
                 id: "nope".into(),
                 point: 1,
                 base: None,
-                resume_from: 0
+                resume_from: Position::default()
             }]
         })
         .is_err());
