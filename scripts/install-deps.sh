@@ -24,10 +24,20 @@
 #   qemu-system-x86   the appliance boot test: QEMU in TCG mode; brings
 #               SeaBIOS, the BIOS firmware (see below for qemu-utils)
 #   ovmf        UEFI firmware for the appliance boot test (OVMF_CODE.fd)
+#   clang libelf-dev zlib1g-dev pkg-config make   the agent's eBPF write
+#               tracker: clang compiles the BPF program in agent/build.rs,
+#               libbpf-sys builds libbpf against libelf and zlib
+#   bpftool     inspecting the tracker's pinned maps and links (bpftool map
+#               show, link show) when diagnosing tracking
+#   xfsprogs btrfs-progs   consistency tests: XFS and btrfs (reflinks,
+#               FIFREEZE) on loop devices
+#   sqlite3     the consistency tests' database integrity checks
+#   fio stress-ng   the tracking overhead and freeze-window benchmarks
 set -euo pipefail
 
 PACKAGES=(e2fsprogs util-linux b3sum rsync zstd python3 procps nbdkit libnbd-bin mmdebstrap dpkg-dev systemd
-  fdisk dosfstools mtools grub-pc-bin grub-efi-amd64-bin pigz ovmf)
+  fdisk dosfstools mtools grub-pc-bin grub-efi-amd64-bin pigz ovmf
+  clang libelf-dev zlib1g-dev pkg-config make bpftool xfsprogs btrfs-progs sqlite3 fio stress-ng)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -24,6 +24,7 @@ use tideline_protocol::{Digest, Geometry};
 
 pub mod block_map;
 pub mod change_log;
+pub mod writes;
 
 pub use block_map::{BlockMap, BlockMapWriter};
 pub use change_log::{ChangeLog, Records};
