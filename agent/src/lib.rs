@@ -6,6 +6,7 @@
 //! agent dials out and never listens on a port.
 
 pub mod config;
+pub mod consistency;
 pub mod dump;
 pub mod failback;
 /// GELF log export, shared with the controller (`tideline-service`).

@@ -54,6 +54,10 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// The thaw guard the agent starts to hold a filesystem freeze
+    /// (`consistency::guard`); not for direct use.
+    #[command(name = "freeze-guard", hide = true)]
+    FreezeGuard(tideline_agent::consistency::guard::GuardArgs),
 }
 
 fn main() {
@@ -65,6 +69,9 @@ fn main() {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::FreezeGuard(args)) = &cli.command {
+        std::process::exit(tideline_agent::consistency::guard::main(args));
+    }
     if let Some(Command::Dump { path, out, threads }) = &cli.command {
         let started = std::time::Instant::now();
         let source = tideline_agent::source::open(path)?;
@@ -106,7 +113,7 @@ fn real_main() -> Result<()> {
         }
         Command::Run => run(cfg, &cli.config),
         Command::Status { json } => show_status(&cfg, json),
-        Command::Dump { .. } => Ok(()),
+        Command::Dump { .. } | Command::FreezeGuard(_) => Ok(()),
     }
 }
 
