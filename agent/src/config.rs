@@ -5,7 +5,8 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use tideline_protocol::limits::{valid_block_size, valid_id, DEFAULT_BLOCK_SIZE};
+use tideline_protocol::limits::{valid_block_size, valid_id, DEFAULT_BLOCK_SIZE, MAX_ROUNDS};
+use tideline_protocol::Requirement;
 
 use crate::transport::throttle::{parse_day, parse_rate, parse_time, Schedule, Window};
 
@@ -64,6 +65,15 @@ pub struct AgentConfig {
     /// Bandwidth limits on what the agent sends.
     #[serde(default)]
     pub bandwidth: BandwidthSection,
+    /// How points of live disks are made consistent.
+    #[serde(default)]
+    pub consistency: ConsistencySection,
+    /// Kernel write tracking.
+    #[serde(default)]
+    pub tracking: TrackingSection,
+    /// Consistency groups: disks frozen together, with their hooks.
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupSection>,
     /// Protected disks.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskSection>,
@@ -74,6 +84,107 @@ pub struct AgentConfig {
     /// controller may write recovery points into.
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetSection>,
+}
+
+/// `[consistency]`: pre-copy rounds and the freeze that make a point of a
+/// live disk the disk at one instant (`docs/operations.md`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistencySection {
+    /// Freeze the filesystems mounted from protected block devices for the
+    /// last copy of each point. Off: points of block devices are read live
+    /// and say `none`.
+    #[serde(default = "default_true")]
+    pub freeze: bool,
+    /// Longest the filesystems may stay frozen, in milliseconds. A thaw
+    /// guard process enforces it even if the agent dies.
+    #[serde(default = "default_max_frozen_ms")]
+    pub max_frozen_ms: u64,
+    /// Freezes tried per point before it fails (or is committed as `none`,
+    /// see `on_freeze_failure`).
+    #[serde(default = "default_freeze_attempts")]
+    pub freeze_attempts: u32,
+    /// Pre-copy rounds after the first copy before the agent tries to
+    /// freeze whatever is left.
+    #[serde(default = "default_precopy_rounds")]
+    pub precopy_rounds: u32,
+    /// Most bytes read into memory while frozen (`"256M"`); a larger
+    /// remainder means another live round first.
+    #[serde(default = "default_freeze_memory")]
+    pub freeze_memory: String,
+    /// When every freeze attempt failed: `fail` the point (default), or
+    /// `commit` it marked `none` (unless a disk's `min_consistency` forbids).
+    #[serde(default = "default_on_freeze_failure")]
+    pub on_freeze_failure: String,
+}
+
+impl Default for ConsistencySection {
+    fn default() -> Self {
+        ConsistencySection {
+            freeze: true,
+            max_frozen_ms: default_max_frozen_ms(),
+            freeze_attempts: default_freeze_attempts(),
+            precopy_rounds: default_precopy_rounds(),
+            freeze_memory: default_freeze_memory(),
+            on_freeze_failure: default_on_freeze_failure(),
+        }
+    }
+}
+
+impl ConsistencySection {
+    /// `freeze_memory` in bytes (validated at load).
+    pub fn freeze_memory_bytes(&self) -> u64 {
+        parse_rate(&self.freeze_memory).unwrap_or(256 << 20)
+    }
+
+    /// Whether a point whose freezes all failed is committed as `none`.
+    pub fn commit_unfrozen(&self) -> bool {
+        self.on_freeze_failure == "commit"
+    }
+}
+
+/// `[tracking]`: kernel write tracking with eBPF.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackingSection {
+    /// Track writes to protected block devices with the agent's eBPF
+    /// program. Off (or unavailable): every sync hash-scans the disk and
+    /// points of live block devices say `none`.
+    #[serde(default = "default_true")]
+    pub ebpf: bool,
+    /// Where the program, its links and maps are pinned (bpffs), so that
+    /// tracking outlives an agent restart.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+}
+
+impl Default for TrackingSection {
+    fn default() -> Self {
+        TrackingSection {
+            ebpf: true,
+            pin_dir: default_pin_dir(),
+        }
+    }
+}
+
+/// `[[group]]`: disks frozen together, and the hooks that make their
+/// applications consistent.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSection {
+    /// Group id; disks name it in `group`.
+    pub id: String,
+    /// Run before the freeze (flush and lock the application); given the
+    /// point, the session and the disks in its environment.
+    #[serde(default)]
+    pub pre_freeze: Option<PathBuf>,
+    /// Run after the thaw (unlock the application), also when the
+    /// pre-freeze hook failed.
+    #[serde(default)]
+    pub post_thaw: Option<PathBuf>,
+    /// Seconds a hook may run before it is killed.
+    #[serde(default = "default_hook_timeout_secs")]
+    pub hook_timeout_secs: u64,
 }
 
 /// `[failback]`
@@ -357,8 +468,59 @@ pub struct DiskSection {
     /// read. Only for `nbd://` and `nbd+unix://` disks.
     #[serde(default)]
     pub dirty_bitmap: Option<String>,
+    /// Consistency group (`[[group]] id`); disks of one group are frozen
+    /// together and share its hooks. Default: `machine`, so all the agent's
+    /// disks form one group.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// The lowest consistency a point of this disk may have to be
+    /// committed: `none` (default), `crash` or `application`.
+    #[serde(default = "default_min_consistency")]
+    pub min_consistency: String,
+    /// `hypervisor`: the export (`.vmdk` or `nbd://`) is made from a
+    /// hypervisor snapshot, so its points are crash-consistent. Not checked
+    /// by the agent: the admin vouches for it.
+    #[serde(default)]
+    pub snapshot: Option<String>,
 }
 
+impl DiskSection {
+    /// `min_consistency` (validated at load).
+    pub fn requirement(&self) -> Requirement {
+        Requirement::parse(&self.min_consistency).unwrap_or_default()
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_frozen_ms() -> u64 {
+    2000
+}
+fn default_freeze_attempts() -> u32 {
+    3
+}
+fn default_precopy_rounds() -> u32 {
+    8
+}
+fn default_freeze_memory() -> String {
+    "256M".into()
+}
+fn default_on_freeze_failure() -> String {
+    "fail".into()
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/tideline")
+}
+fn default_hook_timeout_secs() -> u64 {
+    30
+}
+fn default_group() -> String {
+    "machine".into()
+}
+fn default_min_consistency() -> String {
+    "none".into()
+}
 fn default_reconnect_min_ms() -> u64 {
     500
 }
@@ -425,6 +587,13 @@ impl AgentConfig {
             if let Some(c) = &mut d.cbt_file {
                 if c.is_relative() {
                     *c = base.join(&*c);
+                }
+            }
+        }
+        for g in &mut cfg.groups {
+            for h in [&mut g.pre_freeze, &mut g.post_thaw].into_iter().flatten() {
+                if h.is_relative() {
+                    *h = base.join(&*h);
                 }
             }
         }
@@ -500,6 +669,7 @@ impl AgentConfig {
         if let Err((key, message)) = self.bandwidth.schedule() {
             return Err(bad(key, message));
         }
+        self.validate_consistency(&bad)?;
         let mut seen = std::collections::HashSet::new();
         for (i, d) in self.disks.iter().enumerate() {
             if !valid_id(&d.id) {
@@ -589,6 +759,122 @@ impl AgentConfig {
         Ok(())
     }
 
+    fn validate_consistency(
+        &self,
+        bad: &dyn Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let c = &self.consistency;
+        if !(100..=60_000).contains(&c.max_frozen_ms) {
+            return Err(bad(
+                "consistency.max_frozen_ms".into(),
+                format!("{} is outside 100..=60000", c.max_frozen_ms),
+            ));
+        }
+        if !(1..=10).contains(&c.freeze_attempts) {
+            return Err(bad(
+                "consistency.freeze_attempts".into(),
+                "must be between 1 and 10".into(),
+            ));
+        }
+        // Each attempt that fails costs a live round: the first copy, the
+        // pre-copy rounds, one per attempt and the last copy must fit.
+        if c.precopy_rounds + c.freeze_attempts + 2 > MAX_ROUNDS {
+            return Err(bad(
+                "consistency.precopy_rounds".into(),
+                format!(
+                    "with freeze_attempts = {}, at most {}",
+                    c.freeze_attempts,
+                    MAX_ROUNDS - c.freeze_attempts - 2
+                ),
+            ));
+        }
+        match parse_rate(&c.freeze_memory) {
+            Some(n) if (1 << 20..=64 << 30).contains(&n) => {}
+            _ => {
+                return Err(bad(
+                    "consistency.freeze_memory".into(),
+                    format!("{:?} is not a size from \"1M\" to \"64G\"", c.freeze_memory),
+                ))
+            }
+        }
+        if !["fail", "commit"].contains(&c.on_freeze_failure.as_str()) {
+            return Err(bad(
+                "consistency.on_freeze_failure".into(),
+                format!("{:?} is not fail or commit", c.on_freeze_failure),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            if !valid_id(&g.id) {
+                return Err(bad(
+                    format!("group[{i}].id"),
+                    format!("{:?} must be 1-128 letters, digits, '.', '_' or '-'", g.id),
+                ));
+            }
+            if !seen.insert(g.id.as_str()) {
+                return Err(bad(
+                    format!("group[{i}].id"),
+                    format!("{:?} appears twice", g.id),
+                ));
+            }
+            if !(1..=3600).contains(&g.hook_timeout_secs) {
+                return Err(bad(
+                    format!("group[{i}].hook_timeout_secs"),
+                    "must be between 1 and 3600".into(),
+                ));
+            }
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if !valid_id(&d.group) {
+                return Err(bad(
+                    format!("disk[{i}].group"),
+                    format!("{:?} is not a valid group id", d.group),
+                ));
+            }
+            if d.group != "machine" && !seen.contains(d.group.as_str()) {
+                return Err(bad(
+                    format!("disk[{i}].group"),
+                    format!("{:?} is not a [[group]] id", d.group),
+                ));
+            }
+            if Requirement::parse(&d.min_consistency).is_none() {
+                return Err(bad(
+                    format!("disk[{i}].min_consistency"),
+                    format!("{:?} is not none, crash or application", d.min_consistency),
+                ));
+            }
+            match d.snapshot.as_deref() {
+                None => {}
+                Some("hypervisor") => {
+                    let p = d.path.to_string_lossy();
+                    let export = crate::source::is_nbd_uri(&p)
+                        || d.path
+                            .extension()
+                            .is_some_and(|e| e.eq_ignore_ascii_case("vmdk"));
+                    if !export {
+                        return Err(bad(
+                            format!("disk[{i}].snapshot"),
+                            "only an nbd:// export or a .vmdk can be a hypervisor snapshot".into(),
+                        ));
+                    }
+                }
+                Some(other) => {
+                    return Err(bad(
+                        format!("disk[{i}].snapshot"),
+                        format!("{other:?} is not \"hypervisor\""),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The group section of a disk's group, if it has one (`machine`
+    /// needs none).
+    pub fn group(&self, id: &str) -> Option<&GroupSection> {
+        self.groups.iter().find(|g| g.id == id)
+    }
+
     /// The controller address with the default port added when missing.
     pub fn controller_addr(&self) -> String {
         let a = self.controller.address.trim();
@@ -662,6 +948,42 @@ path = "/dev/sda"
             .unwrap_err()
             .to_string();
         assert!(e.contains("bandwidth.window[0].end"), "{e}");
+    }
+
+    #[test]
+    fn consistency_settings_are_checked_and_named() {
+        let c = AgentConfig::parse(GOOD, Path::new("a.toml")).unwrap();
+        assert!(c.consistency.freeze && c.tracking.ebpf);
+        assert_eq!(c.consistency.max_frozen_ms, 2000);
+        assert_eq!(c.consistency.freeze_memory_bytes(), 256 << 20);
+        assert_eq!(c.disks[0].group, "machine");
+        assert_eq!(c.disks[0].requirement(), Requirement::None);
+        let with =
+            |extra: &str| AgentConfig::parse(&format!("{GOOD}{extra}"), Path::new("/etc/t/a.toml"));
+        let e = with("group = \"db\"\n").unwrap_err().to_string();
+        assert!(e.contains("disk[0].group") && e.contains("db"), "{e}");
+        let c = with("group = \"db\"\nmin_consistency = \"crash\"\n[[group]]\nid = \"db\"\npre_freeze = \"hooks/flush\"\n").unwrap();
+        assert_eq!(c.disks[0].requirement(), Requirement::Crash);
+        assert_eq!(
+            c.group("db").and_then(|g| g.pre_freeze.clone()),
+            Some(PathBuf::from("/etc/t/hooks/flush"))
+        );
+        let e = with("min_consistency = \"frozen\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("disk[0].min_consistency"), "{e}");
+        let e = with("snapshot = \"hypervisor\"\n").unwrap_err().to_string();
+        assert!(e.contains("disk[0].snapshot"), "{e}");
+        let text = GOOD.replace("[tls]", "[consistency]\nmax_frozen_ms = 50\n[tls]");
+        let e = AgentConfig::parse(&text, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("consistency.max_frozen_ms"), "{e}");
+        let text = GOOD.replace("[tls]", "[consistency]\nfreeze_memory = \"lots\"\n[tls]");
+        let e = AgentConfig::parse(&text, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("consistency.freeze_memory"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! current profile (`scripts/test.sh` builds them before the tests run).
 
 pub mod appliance;
+pub mod fs;
 pub mod proxy;
 pub mod service;
 
@@ -143,6 +144,8 @@ pub struct World {
     pub port: u16,
     controller: Option<Child>,
     agents: Vec<(String, Child)>,
+    /// Every agent id ever started (their trackers are removed on drop).
+    started: std::collections::BTreeSet<String>,
     /// Extra TOML appended to the controller's configuration.
     pub controller_extra: String,
 }
@@ -176,6 +179,7 @@ impl World {
             port: free_port(),
             controller: None,
             agents: Vec::new(),
+            started: std::collections::BTreeSet::new(),
             controller_extra: String::new(),
         })
     }
@@ -252,6 +256,14 @@ impl World {
         let mut text = format!(
             "[controller]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\nheartbeat_secs = 2\n[tls]\nca = \"{ca}\"\ncert = \"pki/{cert_of}.crt\"\nkey = \"pki/{cert_of}.key\"\n[state]\ndir = \"state-{id}\"\n{extra}\n"
         );
+        if !extra.contains("[tracking]") {
+            // Each agent its own write tracker, removed with the world, so
+            // that no test leaves a program attached to the kernel.
+            text.push_str(&format!(
+                "[tracking]\npin_dir = \"{}\"\n",
+                self.pin_dir(id).display()
+            ));
+        }
         for d in disks {
             text.push_str(&format!(
                 "[[disk]]\nid = \"{}\"\npath = \"{}\"\nblock_size = {}\n",
@@ -316,6 +328,7 @@ impl World {
             .stderr(log)
             .spawn()?;
         self.agents.push((id.to_owned(), child));
+        self.started.insert(id.to_owned());
         Ok(())
     }
 
@@ -404,6 +417,17 @@ impl World {
         self.admin(&["verify", "--agent", agent, "--disk", disk, "--point", point])
     }
 
+    /// Where agent `id` pins its write tracker (bpffs).
+    pub fn pin_dir(&self, id: &str) -> PathBuf {
+        let name = self
+            .dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        PathBuf::from(format!("/sys/fs/bpf/{name}-{id}"))
+    }
+
     /// A log file's text (for failure messages).
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.path(name)).unwrap_or_else(|e| format!("(no {name}: {e})"))
@@ -415,6 +439,12 @@ impl Drop for World {
         for (_, c) in &mut self.agents {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // Unpinning the links and maps detaches the tracker once no process
+        // holds them.
+        let ids: Vec<String> = self.started.iter().cloned().collect();
+        for id in ids {
+            let _ = std::fs::remove_dir_all(self.pin_dir(&id));
         }
         self.kill_controller();
         if std::thread::panicking() || std::env::var_os("TIDELINE_KEEP").is_some() {
@@ -484,12 +514,17 @@ pub fn write_random(path: &Path, offset: u64, len: usize, rng: &mut impl RngCore
     Ok(())
 }
 
-/// Whether two files have the same length and bytes.
+/// Whether two files (or block devices) have the same length and bytes.
 pub fn same_contents(a: &Path, b: &Path) -> Result<bool> {
+    use std::io::{Seek, SeekFrom};
     let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
-    if fa.metadata()?.len() != fb.metadata()?.len() {
+    // A block device's metadata says 0 bytes: its end says its size.
+    let (la, lb) = (fa.seek(SeekFrom::End(0))?, fb.seek(SeekFrom::End(0))?);
+    if la != lb {
         return Ok(false);
     }
+    fa.seek(SeekFrom::Start(0))?;
+    fb.seek(SeekFrom::Start(0))?;
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     loop {
         let n = read_full(&mut fa, &mut ba)?;
@@ -577,6 +612,18 @@ pub fn last_scan_bytes_read(log: &str) -> u64 {
         .rev()
         .find(|l| l.contains("disk scanned"))
         .and_then(|l| l.split("bytes_read=").nth(1))
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// Bytes the agent read for its most recent point of `disk`, from its log's
+/// "disk copied" line (every round counted; `u64::MAX` when there is none).
+pub fn last_point_bytes_read(log: &str, disk: &str) -> u64 {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("disk copied") && l.contains(&format!("disk={disk} ")))
+        .and_then(|l| l.split(" bytes_read=").nth(1))
         .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(u64::MAX)

@@ -50,6 +50,25 @@ pub struct DiskStatus {
     pub eta_secs: Option<f64>,
     /// Last error of a session on this disk.
     pub last_error: Option<String>,
+    /// Consistency of the last point copied (`none`, `crash-frozen`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_consistency: Option<String>,
+    /// How long the filesystems were frozen for it, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_frozen_ms: Option<u32>,
+    /// Rounds it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rounds: Option<u32>,
+    /// Bytes read from the disk for it, in every round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_bytes_read: Option<u64>,
+    /// Why its level is not higher, or what happened on the way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_note: Option<String>,
+    /// How its changes are found and made consistent (`tracked+freeze`,
+    /// `reflink`, `hypervisor`, `live`, `tracked`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
 }
 
 /// Seconds since the Unix epoch.

@@ -175,6 +175,11 @@ pub struct ChangeRecord {
     /// Dirty bitmap that was tracking while that point was read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
+    /// The kernel write tracker's registration that recorded every write
+    /// since that point (the point's instant): while it stays continuous,
+    /// the blocks it names are all that changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::tracking::writes::Registration>,
 }
 
 impl ChangeRecord {
@@ -323,6 +328,7 @@ mod tests {
             point: 7,
             cbt_change_id: Some("id/2".into()),
             bitmap: None,
+            tracking: None,
         };
         assert!(trust_cbt("d", &list, Some(&rec), 7));
         assert!(
@@ -342,6 +348,7 @@ mod tests {
             point: 7,
             cbt_change_id: None,
             bitmap: Some("b".into()),
+            tracking: None,
         };
         assert!(trust_bitmap("d", "b", true, Some(&bm), 7));
         assert!(
@@ -361,6 +368,7 @@ mod tests {
             point: 3,
             cbt_change_id: Some("a/1".into()),
             bitmap: None,
+            tracking: None,
         };
         r.save(d.path()).unwrap();
         assert_eq!(ChangeRecord::load(d.path()), Some(r));

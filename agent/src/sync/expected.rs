@@ -5,6 +5,7 @@
 //! sends only the blocks that differ. The view never modifies the block map:
 //! the map advances only after the controller commits.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use tideline_protocol::resize::carried_entry;
 use tideline_protocol::{Digest, Geometry, ZeroDigests};
@@ -18,6 +19,9 @@ pub struct ExpectedIndex {
     old_count: u64,
     zero: ZeroDigests,
     geometry: Geometry,
+    /// Digests earlier rounds of this session sent (they replace the
+    /// base's), for the blocks a later round looks at.
+    sent: Option<Arc<HashMap<u64, Digest>>>,
 }
 
 impl ExpectedIndex {
@@ -28,7 +32,14 @@ impl ExpectedIndex {
             old_count: 0,
             zero: ZeroDigests::new(geometry.disk_size, geometry.block_size),
             geometry,
+            sent: None,
         }
+    }
+
+    /// This view with the digests earlier rounds sent laid over it.
+    pub fn with_sent(mut self, sent: Arc<HashMap<u64, Digest>>) -> Self {
+        self.sent = Some(sent);
+        self
     }
 
     /// The base point held in `map`, carried to `geometry`.
@@ -39,6 +50,7 @@ impl ExpectedIndex {
             old_count,
             zero: ZeroDigests::new(geometry.disk_size, geometry.block_size),
             geometry,
+            sent: None,
         }
     }
 
@@ -52,8 +64,12 @@ impl ExpectedIndex {
         &self.zero
     }
 
-    /// Digest the controller holds for `block` before this session.
+    /// Digest the controller holds for `block`: what an earlier round of
+    /// this session sent, else the base's.
     pub fn get(&self, block: u64) -> Digest {
+        if let Some(d) = self.sent.as_ref().and_then(|s| s.get(&block)) {
+            return *d;
+        }
         match &self.map {
             None => self.zero.for_block(block),
             Some(map) => carried_entry(block, self.old_count, &self.zero, |i| map.get(i)),

@@ -8,6 +8,10 @@
 
 pub mod changes;
 pub mod expected;
+pub mod frozen_copy;
+pub mod instant;
+pub mod method;
 pub mod pipeline;
 pub mod priority;
+pub mod runner;
 pub mod session;

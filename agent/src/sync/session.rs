@@ -13,11 +13,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tideline_protocol::message::{Committed, DiskEnd, IndexChunk, ReadyDisk, StartSync, SyncReady};
-use tideline_protocol::{Digest, Geometry, IndexRootHasher, Position};
+use tideline_protocol::{
+    Consistency, Digest, Geometry, IndexRootHasher, PointConsistency, Position, Requirement,
+};
 use tracing::{info, warn};
 
 use super::changes::{trust_bitmap, trust_cbt, CbtList, ChangeRecord};
 use super::expected::ExpectedIndex;
+use super::method::{self, DiskMethod, SessionRecord, SESSION_RECORD_FILE};
 use super::pipeline::ScanJob;
 use crate::config::{AgentConfig, DiskSection};
 use crate::source::{DiskSource, NbdDisk, SourceError};
@@ -35,6 +38,9 @@ pub enum SessionError {
     /// The block map or change log could not be used.
     #[error(transparent)]
     Tracking(#[from] TrackingError),
+    /// The kernel write tracker failed on a disk it tracks.
+    #[error(transparent)]
+    Tracker(#[from] crate::tracking::writes::TrackerError),
     /// The controller asked to resume, but the change log of the interrupted
     /// session is gone or belongs to another session.
     #[error("disk {disk}: cannot resume session {session} at {resume_from}: {why}")]
@@ -46,6 +52,18 @@ pub enum SessionError {
         /// Requested position.
         resume_from: Position,
         /// Why not.
+        why: String,
+    },
+    /// The disk's points cannot reach its `min_consistency`.
+    #[error("disk {disk}: its points must be at least {required}-consistent, but the best this agent can do is {best}: {why}")]
+    BelowRequirement {
+        /// Disk id.
+        disk: String,
+        /// `min_consistency`.
+        required: Requirement,
+        /// The best level reachable.
+        best: Consistency,
+        /// Why.
         why: String,
     },
     /// A message does not fit the session.
@@ -60,12 +78,12 @@ pub enum SessionError {
 
 /// How the expected index of a slot becomes known.
 enum Base {
-    /// Known: the scan may start.
+    /// Known.
     Ready(ExpectedIndex),
     /// Being received from the controller.
     Downloading(BlockMapWriter),
-    /// Taken by a scan.
-    Scanning,
+    /// Between the two (a download that failed).
+    Unknown,
 }
 
 /// One disk of the session.
@@ -77,24 +95,36 @@ struct DiskJob {
     expected: Base,
     /// The session's change log; taken when the point is committed.
     log: Option<ChangeLog>,
-    resume_from: u64,
+    /// Where the first scan of this session starts.
+    resume_from: Position,
     /// Extents a trusted change source names (None: scan everything).
     only: Option<Arc<Vec<(u64, u64)>>>,
     /// What to record about the change source once the point is committed.
     next_record: ChangeRecord,
+    /// How the point is made consistent.
+    method: DiskMethod,
+    /// Whether the first round hash-scans (else the tracker names the
+    /// blocks).
+    first_round_hashed: bool,
+    /// The next round must copy everything outstanding since the base (a
+    /// resumed session lost the sets of its earlier rounds).
+    catch_up: bool,
+    /// Consistency group.
+    group: String,
+    /// `min_consistency`.
+    required: Requirement,
 }
 
 /// A sync session in progress on the agent.
 pub struct AgentSession {
     session: u64,
     jobs: Vec<DiskJob>,
-    next_scan: usize,
-    expected_in_scan: Option<(u16, ExpectedIndex)>,
 }
 
 impl AgentSession {
-    /// Opens the disks of a `StartSync`, checks the block maps against the
-    /// base points, and returns the `SyncReady` answer.
+    /// Opens the disks of a `StartSync`, decides how each point is made
+    /// consistent, checks the block maps against the base points, and
+    /// returns the `SyncReady` answer.
     pub fn prepare(
         req: &StartSync,
         cfg: &AgentConfig,
@@ -107,7 +137,7 @@ impl AgentSession {
                 .iter()
                 .find(|c| c.id == d.id)
                 .ok_or_else(|| SessionError::UnknownDisk(d.id.clone()))?;
-            let job = prepare_disk(req.session, d, dcfg, &cfg.state.dir, cfg.sync.read_mode())?;
+            let job = prepare_disk(req.session, d, dcfg, cfg)?;
             ready.push(ReadyDisk {
                 disk_size: job.geometry.disk_size,
                 block_size: job.geometry.block_size,
@@ -119,8 +149,6 @@ impl AgentSession {
             AgentSession {
                 session: req.session,
                 jobs,
-                next_scan: 0,
-                expected_in_scan: None,
             },
             SyncReady {
                 session: req.session,
@@ -132,6 +160,11 @@ impl AgentSession {
     /// Session id.
     pub fn id(&self) -> u64 {
         self.session
+    }
+
+    /// Number of slots.
+    pub fn slots(&self) -> u16 {
+        self.jobs.len() as u16
     }
 
     /// Disk id of a slot.
@@ -156,6 +189,77 @@ impl AgentSession {
             })
     }
 
+    fn job_ref(&self, slot: u16) -> Result<&DiskJob, SessionError> {
+        self.jobs
+            .get(usize::from(slot))
+            .ok_or_else(|| SessionError::Inconsistent {
+                disk: "?".into(),
+                why: format!("no slot {slot}"),
+            })
+    }
+
+    /// How a slot's point is made consistent.
+    pub fn method(&self, slot: u16) -> Option<&DiskMethod> {
+        self.jobs.get(usize::from(slot)).map(|j| &j.method)
+    }
+
+    /// The slot's source.
+    pub fn source(&self, slot: u16) -> Option<Arc<dyn DiskSource>> {
+        self.jobs.get(usize::from(slot)).map(|j| j.source.clone())
+    }
+
+    /// The slot's consistency group.
+    pub fn group(&self, slot: u16) -> &str {
+        self.jobs
+            .get(usize::from(slot))
+            .map_or("machine", |j| j.group.as_str())
+    }
+
+    /// The slot's `min_consistency`.
+    pub fn required(&self, slot: u16) -> Requirement {
+        self.jobs
+            .get(usize::from(slot))
+            .map_or(Requirement::None, |j| j.required)
+    }
+
+    /// The point the slot builds.
+    pub fn point(&self, slot: u16) -> u64 {
+        self.jobs
+            .get(usize::from(slot))
+            .and_then(|j| j.log.as_ref())
+            .map_or(0, |l| l.point())
+    }
+
+    /// Where the slot's first scan starts (not 0 when resuming).
+    pub fn resume_from(&self, slot: u16) -> Position {
+        self.jobs
+            .get(usize::from(slot))
+            .map_or(Position::default(), |j| j.resume_from)
+    }
+
+    /// Whether the slot's base is known, so that it can be scanned.
+    pub fn base_ready(&self, slot: u16) -> bool {
+        matches!(
+            self.jobs.get(usize::from(slot)).map(|j| &j.expected),
+            Some(Base::Ready(_))
+        )
+    }
+
+    /// Whether the slot's first round hash-scans the disk.
+    pub fn first_round_hashed(&self, slot: u16) -> bool {
+        self.jobs
+            .get(usize::from(slot))
+            .is_some_and(|j| j.first_round_hashed)
+    }
+
+    /// Whether the slot's next round must copy everything outstanding, and
+    /// clears the flag.
+    pub fn take_catch_up(&mut self, slot: u16) -> bool {
+        self.jobs
+            .get_mut(usize::from(slot))
+            .is_some_and(|j| std::mem::take(&mut j.catch_up))
+    }
+
     /// Writes part of a base index into the map being rebuilt.
     pub fn on_index_chunk(&mut self, chunk: &IndexChunk) -> Result<(), SessionError> {
         let job = self.job(chunk.slot)?;
@@ -172,7 +276,7 @@ impl AgentSession {
     /// hash to the base root.
     pub fn on_index_complete(&mut self, slot: u16) -> Result<(), SessionError> {
         let job = self.job(slot)?;
-        let Base::Downloading(w) = std::mem::replace(&mut job.expected, Base::Scanning) else {
+        let Base::Downloading(w) = std::mem::replace(&mut job.expected, Base::Unknown) else {
             return Err(SessionError::Inconsistent {
                 disk: job.id.clone(),
                 why: "index end for a disk that did not ask for it".into(),
@@ -184,29 +288,57 @@ impl AgentSession {
         Ok(())
     }
 
-    /// The scan of the next slot, once its base is known.
-    pub fn next_scan(&mut self, cfg: &AgentConfig) -> Option<(u16, ScanJob)> {
-        let slot = self.next_scan;
-        let job = self.jobs.get_mut(slot)?;
-        let Base::Ready(expected) = std::mem::replace(&mut job.expected, Base::Scanning) else {
-            return None;
+    /// A scan of one round of a slot: `source` (the disk, or a frozen copy
+    /// or clone of it), from `from_block`, reading only `only` (byte
+    /// extents; `None`: the whole disk). In a round after the first, the
+    /// expected digests include what earlier rounds sent.
+    pub fn scan_job(
+        &self,
+        slot: u16,
+        cfg: &AgentConfig,
+        source: Arc<dyn DiskSource>,
+        from_block: u64,
+        only: Option<Arc<Vec<(u64, u64)>>>,
+    ) -> Result<ScanJob, SessionError> {
+        let job = self.job_ref(slot)?;
+        let Base::Ready(base) = &job.expected else {
+            return Err(SessionError::Inconsistent {
+                disk: job.id.clone(),
+                why: "scan before the base index is known".into(),
+            });
         };
-        self.next_scan += 1;
-        self.expected_in_scan = Some((slot as u16, expected.clone()));
-        Some((
-            slot as u16,
-            ScanJob {
-                source: job.source.clone(),
-                expected,
-                from_block: job.resume_from,
-                compression_level: cfg.sync.compression_level,
-                workers: cfg.sync.worker_count(),
-                batch_bytes: cfg.sync.batch_bytes,
-                drop_page_cache: cfg.sync.drop_page_cache,
-                only: job.only.clone(),
-                priority: cfg.sync.scan_priority(),
-            },
-        ))
+        let log = job.log.as_ref().ok_or_else(|| SessionError::Inconsistent {
+            disk: job.id.clone(),
+            why: "the disk's point is already committed".into(),
+        })?;
+        let mut expected = base.clone();
+        if log.round() > 0 {
+            let bs = u64::from(job.geometry.block_size);
+            let ranges: Vec<(u64, u64)> = match &only {
+                Some(o) => o.iter().map(|&(s, e)| (s / bs, e.div_ceil(bs))).collect(),
+                None => vec![(0, job.geometry.block_count)],
+            };
+            expected = expected.with_sent(Arc::new(log.sent_in(&ranges)?));
+        }
+        Ok(ScanJob {
+            source,
+            expected,
+            from_block,
+            compression_level: cfg.sync.compression_level,
+            workers: cfg.sync.worker_count(),
+            batch_bytes: cfg.sync.batch_bytes,
+            drop_page_cache: cfg.sync.drop_page_cache,
+            only,
+            priority: cfg.sync.scan_priority(),
+        })
+    }
+
+    /// The extents a trusted change source (CBT, dirty bitmap) names for
+    /// the first round, if one vouches for the base point.
+    pub fn change_source_extents(&self, slot: u16) -> Option<Arc<Vec<(u64, u64)>>> {
+        self.jobs
+            .get(usize::from(slot))
+            .and_then(|j| j.only.clone())
     }
 
     fn log(&mut self, slot: u16) -> Result<&mut ChangeLog, SessionError> {
@@ -216,6 +348,22 @@ impl AgentSession {
             disk: id,
             why: "the disk's point is already committed".into(),
         })
+    }
+
+    /// Starts the slot's next round in its change log; returns its number.
+    pub fn begin_round(&mut self, slot: u16) -> Result<u32, SessionError> {
+        let log = self.log(slot)?;
+        let round = log.round() + 1;
+        log.begin_round(round)?;
+        Ok(round)
+    }
+
+    /// The slot's current round.
+    pub fn round(&self, slot: u16) -> u32 {
+        self.jobs
+            .get(usize::from(slot))
+            .and_then(|j| j.log.as_ref())
+            .map_or(0, |l| l.round())
     }
 
     /// Records a block that was sent.
@@ -234,18 +382,22 @@ impl AgentSession {
     }
 
     /// Computes the new index root (base carried to the new geometry,
-    /// overlaid with the change log), seals the log, and returns `DiskEnd`.
-    pub fn finish_slot(&mut self, slot: u16) -> Result<DiskEnd, SessionError> {
-        let expected = match self.expected_in_scan.take() {
-            Some((s, e)) if s == slot => e,
-            _ => {
-                return Err(SessionError::Inconsistent {
-                    disk: self.disk_id(slot).to_owned(),
-                    why: "finished a disk that was not being scanned".into(),
-                })
-            }
+    /// overlaid with the change log's rounds), seals the log, and returns
+    /// `DiskEnd` with the point's consistency.
+    pub fn finish_slot(
+        &mut self,
+        slot: u16,
+        consistency: PointConsistency,
+    ) -> Result<DiskEnd, SessionError> {
+        let job = self.job(slot)?;
+        let Base::Ready(expected) = &job.expected else {
+            return Err(SessionError::Inconsistent {
+                disk: job.id.clone(),
+                why: "finished a disk whose base is not known".into(),
+            });
         };
-        let block_count = self.job(slot)?.geometry.block_count;
+        let expected = expected.clone();
+        let block_count = job.geometry.block_count;
         let log = self.log(slot)?;
         let mut hasher = IndexRootHasher::new();
         let mut records = log.records().peekable();
@@ -278,16 +430,13 @@ impl AgentSession {
             block_count,
             sent_blocks: sent,
             root,
-            consistency: tideline_protocol::PointConsistency {
-                level: tideline_protocol::Consistency::None,
-                frozen_ms: 0,
-                rounds: 1,
-                note: "read while the machine ran".into(),
-            },
+            consistency,
         })
     }
 
-    /// Advances the block map of a committed slot to the new point.
+    /// Advances the block map of a committed slot to the new point; the
+    /// tracker's pending set (copied into this point) is forgotten, and the
+    /// registration that vouches for everything after it is recorded.
     pub fn on_committed(&mut self, c: &Committed) -> Result<(), SessionError> {
         let sealed = self.log(c.slot)?.sealed_root();
         let job = self.job(c.slot)?;
@@ -304,13 +453,19 @@ impl AgentSession {
             advance_map(&job.state, &log)?;
             log.remove()?;
         }
+        let tracking = job.method.tracked().map(|t| {
+            t.disk.clear_pending();
+            t.disk.registration()
+        });
         let record = ChangeRecord {
             point: c.point,
+            tracking,
             ..job.next_record.clone()
         };
         if let Err(e) = record.save(&job.state.dir) {
             warn!(disk = %job.id, error = %e, "cannot record the change source; the next sync will scan");
         }
+        let _ = std::fs::remove_file(job.state.dir.join(SESSION_RECORD_FILE));
         info!(disk = %job.id, point = c.point, "block map advanced to committed point");
         Ok(())
     }
@@ -320,9 +475,10 @@ fn prepare_disk(
     session: u64,
     d: &tideline_protocol::message::SyncDisk,
     dcfg: &DiskSection,
-    state_dir: &Path,
-    read_mode: crate::source::ReadMode,
+    cfg: &AgentConfig,
 ) -> Result<DiskJob, SessionError> {
+    let state_dir = &cfg.state.dir;
+    let read_mode = cfg.sync.read_mode();
     let (source, bitmap_disk): (Arc<dyn DiskSource>, Option<Arc<NbdDisk>>) =
         match &dcfg.dirty_bitmap {
             Some(name) => {
@@ -398,25 +554,46 @@ fn prepare_disk(
         }
     };
 
+    let method = method::choose(cfg, dcfg)?;
+    let required = dcfg.requirement();
+    let hook = cfg
+        .group(&dcfg.group)
+        .is_some_and(|g| g.pre_freeze.is_some());
+    if !method::can_meet(method.best(), hook, required) {
+        return Err(SessionError::BelowRequirement {
+            disk: d.id.clone(),
+            required,
+            best: method.best(),
+            why: method
+                .limitation()
+                .unwrap_or_else(|| "it has no pre-freeze hook".to_string()),
+        });
+    }
+
+    let resuming = d.resume_from > Position::default();
     let base_point = d.base.map(|b| b.point).unwrap_or(0);
     let log = match log {
         Some(mut l)
-            if l.session() == session && l.point() == d.point && l.base_point() == base_point && l.geometry() == geometry =>
+            if l.session() == session
+                && l.point() == d.point
+                && l.base_point() == base_point
+                && l.geometry() == geometry =>
         {
             l.truncate_from(d.resume_from)?;
             l
         }
-        _ if d.resume_from > Position::default() => {
-            return Err(SessionError::CannotResume {
-                disk: d.id.clone(),
+        _ if resuming => {
+            return Err(cannot_resume(
+                d,
                 session,
-                resume_from: d.resume_from,
-                why: "the change log of the interrupted session is missing or belongs to another session or disk size".into(),
-            })
+                "the change log of the interrupted session is missing or belongs to another session or disk size",
+            ))
         }
         _ => ChangeLog::create(&state.change_log, session, d.point, base_point, geometry)?,
     };
     let plan = consult_change_source(d, dcfg, geometry, &state, bitmap_disk.as_deref())?;
+    let (first_round_hashed, catch_up) =
+        plan_rounds(session, d, &method, &plan.record_at_base, &state, resuming)?;
     Ok(DiskJob {
         id: d.id.clone(),
         source,
@@ -424,10 +601,125 @@ fn prepare_disk(
         state,
         expected,
         log: Some(log),
-        resume_from: d.resume_from.block,
+        resume_from: d.resume_from,
         only: plan.only.map(Arc::new),
         next_record: plan.record,
+        method,
+        first_round_hashed,
+        catch_up,
+        group: dcfg.group.clone(),
+        required,
     })
+}
+
+fn cannot_resume(
+    d: &tideline_protocol::message::SyncDisk,
+    session: u64,
+    why: &str,
+) -> SessionError {
+    SessionError::CannotResume {
+        disk: d.id.clone(),
+        session,
+        resume_from: d.resume_from,
+        why: why.to_owned(),
+    }
+}
+
+/// For a tracked disk: whether the first round hash-scans (tracking cannot
+/// vouch for everything since the base point) and whether a resumed session
+/// must catch up. A fresh session records what its rounds rely on; a
+/// resumed one goes on only if tracking has been continuous since that
+/// record, else the point restarts (`CannotResume`).
+fn plan_rounds(
+    session: u64,
+    d: &tideline_protocol::message::SyncDisk,
+    method: &DiskMethod,
+    at_base: &Option<ChangeRecord>,
+    state: &DiskState,
+    resuming: bool,
+) -> Result<(bool, bool), SessionError> {
+    let tracked = match method {
+        DiskMethod::Tracked(t) => t,
+        DiskMethod::Reflink if resuming => {
+            return Err(cannot_resume(
+                d,
+                session,
+                "a reflink snapshot does not outlive its session; the point starts again",
+            ))
+        }
+        _ if resuming && d.resume_from.round > 0 => {
+            return Err(cannot_resume(
+                d,
+                session,
+                "this disk is copied in a single round",
+            ))
+        }
+        _ => return Ok((true, false)),
+    };
+    if resuming {
+        let record =
+            SessionRecord::load(&state.dir).filter(|r| r.session == session && r.point == d.point);
+        let Some(record) = record else {
+            return Err(cannot_resume(
+                d,
+                session,
+                "the session's tracking record is gone",
+            ));
+        };
+        if let Err(why) = tracked.disk.continuous_since(&record.registration) {
+            warn!(disk = %d.id, %why, "write tracking was interrupted during the session; the point starts again");
+            return Err(cannot_resume(
+                d,
+                session,
+                &format!("write tracking was interrupted during the session: {why}"),
+            ));
+        }
+        info!(disk = %d.id, resume = %d.resume_from, "resuming with write tracking intact; the next round copies everything since the base");
+        return Ok((record.first_round_hashed, true));
+    }
+    let since_base = match (at_base, d.base) {
+        (
+            Some(ChangeRecord {
+                tracking: Some(r),
+                point,
+                ..
+            }),
+            Some(b),
+        ) if *point == b.point => match tracked.disk.continuous_since(r) {
+            Ok(()) => true,
+            Err(why) => {
+                info!(disk = %d.id, %why, "write tracking cannot vouch for the base point; hash scan");
+                false
+            }
+        },
+        (_, None) => false,
+        _ => {
+            info!(disk = %d.id, "no write tracking record at the base point; hash scan");
+            false
+        }
+    };
+    let registration = if since_base {
+        info!(disk = %d.id, "write tracking vouches for the base point: only the blocks it names are read");
+        tracked.disk.registration()
+    } else {
+        // Everything is read anyway: start tracking afresh, so the rounds
+        // after this scan rely only on writes from now on.
+        tracked.disk.reset()?
+    };
+    let record = SessionRecord {
+        session,
+        point: d.point,
+        registration,
+        first_round_hashed: !since_base,
+    };
+    record.save(&state.dir).map_err(|e| {
+        SessionError::Tracking(TrackingError::Io {
+            op: "write",
+            path: state.dir.join(SESSION_RECORD_FILE),
+            source: e,
+        })
+    })?;
+    Ok((!since_base, false))
 }
 
 /// Asks the disk's change source (CBT list or dirty bitmap), if any, which
@@ -446,6 +738,7 @@ fn consult_change_source(
         point: d.point,
         cbt_change_id: None,
         bitmap: None,
+        tracking: None,
     };
     // A change of size is a change no list describes: scan.
     let base = d
@@ -479,7 +772,11 @@ fn consult_change_source(
             next.bitmap = Some(name.clone());
         }
     }
-    Ok(ChangePlan { only, record: next })
+    Ok(ChangePlan {
+        only,
+        record: next,
+        record_at_base: record,
+    })
 }
 
 /// What a change source says for one sync.
@@ -488,6 +785,8 @@ struct ChangePlan {
     only: Option<Vec<(u64, u64)>>,
     /// What to record once the point is committed.
     record: ChangeRecord,
+    /// The record as the last committed point left it.
+    record_at_base: Option<ChangeRecord>,
 }
 
 /// Brings the block map from the log's base point to the log's point.

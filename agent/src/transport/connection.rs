@@ -3,10 +3,12 @@
 //!
 //! One task owns the link. It reads frames from the TLS stream, feeds them
 //! to the protocol state machine, and acts on the events: a `StartSync`
-//! becomes an [`AgentSession`] and a scan pipeline, whose items become
-//! `Block`, `Checkpoint` and `DiskEnd` frames. Writes go through a bounded
-//! channel to a writer task, so that a slow network holds the pipeline back
-//! instead of growing memory. The agent never listens on a port.
+//! becomes a [`SyncRun`] (`sync/runner.rs`, which decides what is read in
+//! which round and when the instant is taken), whose scan items become
+//! `Block`, `Checkpoint`, `Round` and `DiskEnd` frames; a `StartFailback`
+//! becomes a failback pass. Writes go through a bounded channel to a writer
+//! task, so that a slow network holds the pipeline back instead of growing
+//! memory. The agent never listens on a port.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,8 +29,7 @@ use crate::config::AgentConfig;
 use crate::failback::{BlockIn, FailbackPass, PassItem};
 use crate::service::status_file::StatusFile;
 use crate::service::{Heartbeat, Notifier, StatusLine};
-use crate::sync::pipeline::{Scan, ScanItem, ScanStats};
-use crate::sync::session::{AgentSession, SessionError};
+use crate::sync::runner::{error_code, RunError, RunEvent, SlotSummary, SyncRun};
 use crate::transport::throttle::{Schedule, Throttle};
 use crate::transport::tls::client_config;
 use std::sync::RwLock;
@@ -268,15 +269,10 @@ async fn serve_once(
     let mut driver = Driver {
         cfg: cfg.clone(),
         link,
-        session: None,
-        scan: None,
-        scan_rx: None,
-        scan_slot: 0,
+        run: None,
         failback: None,
         reported: Vec::new(),
-        since_checkpoint: CheckpointClock::new(),
         hooks: hooks.clone(),
-        progress: Progress::new(),
         status: StatusLine {
             connected: true,
             controller: addr.clone(),
@@ -332,8 +328,8 @@ async fn serve_once(
                         }
                     }
                 }
-                item = recv_scan(&mut driver.scan_rx), if driver.scan_rx.is_some() => {
-                    driver.on_scan_item(item)?;
+                ev = next_run_event(&mut driver.run), if driver.run.is_some() => {
+                    driver.on_run_event(ev);
                 }
                 item = recv_pass(&mut driver.failback), if driver.failback.is_some() => {
                     driver.on_pass_item(item);
@@ -368,111 +364,71 @@ async fn recv_pass(pass: &mut Option<FailbackPass>) -> Option<PassItem> {
     }
 }
 
-async fn recv_scan(rx: &mut Option<mpsc::Receiver<ScanItem>>) -> Option<ScanItem> {
-    match rx {
-        Some(rx) => rx.recv().await,
+async fn next_run_event(run: &mut Option<SyncRun>) -> RunEvent {
+    match run {
+        Some(r) => r.next().await,
         None => std::future::pending().await,
     }
 }
 
-struct CheckpointClock {
-    at: Instant,
-    bytes_at: u64,
-}
-
-impl CheckpointClock {
-    fn new() -> Self {
-        CheckpointClock {
-            at: Instant::now(),
-            bytes_at: 0,
-        }
-    }
-}
-
-/// Progress of the running scan, for status lines and the watchdog.
-struct Progress {
-    started: Instant,
-    last_item: Instant,
-    bytes: u64,
-    next_block: u64,
-    block_count: u64,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Progress {
-            started: Instant::now(),
-            last_item: Instant::now(),
-            bytes: 0,
-            next_block: 0,
-            block_count: 0,
-        }
-    }
-}
-
-/// Acts on link events and scan items for one connection.
+/// Acts on link events, the sync run's events and the failback pass for
+/// one connection.
 struct Driver {
     cfg: Arc<AgentConfig>,
     link: AgentLink,
-    session: Option<AgentSession>,
-    scan: Option<Scan>,
-    scan_rx: Option<mpsc::Receiver<ScanItem>>,
-    scan_slot: u16,
+    /// The sync session running, if any.
+    run: Option<SyncRun>,
     /// The failback pass running, if any.
     failback: Option<FailbackPass>,
     /// Per slot of the pass: (written, verified) last reported.
     reported: Vec<(u64, u64)>,
-    since_checkpoint: CheckpointClock,
     hooks: ServiceHooks,
-    progress: Progress,
     status: StatusLine,
     last_status: String,
-}
-
-fn error_code(e: &SessionError) -> ErrorCode {
-    match e {
-        SessionError::UnknownDisk(_) => ErrorCode::UnknownDisk,
-        SessionError::Source(_) => ErrorCode::DiskUnreadable,
-        SessionError::CannotResume { .. } => ErrorCode::SessionAborted,
-        SessionError::Tracking(_) | SessionError::Inconsistent { .. } => ErrorCode::Internal,
-    }
 }
 
 impl Driver {
     /// Once a second: beat the heartbeat unless a scan is wedged, and tell
     /// the service manager what the agent is doing.
     fn service_tick(&mut self) {
-        if self.scan.is_none() || self.progress.last_item.elapsed() < SCAN_STALL {
+        let progress = self.run.as_ref().and_then(|r| r.progress()).copied();
+        if progress.is_none_or(|p| p.last_item.elapsed() < SCAN_STALL) {
             self.hooks.heartbeat.beat();
         }
         self.report_failback_progress();
-        self.status.session = self.session.as_ref().map(|s| s.id());
-        if self.scan.is_some() {
-            let p = &self.progress;
-            self.status.disk = self
-                .session
-                .as_ref()
-                .map(|s| s.disk_id(self.scan_slot).to_owned());
-            self.status.percent =
-                (p.block_count > 0).then(|| p.next_block as f64 * 100.0 / p.block_count as f64);
-            let secs = p.started.elapsed().as_secs_f64();
-            self.status.mib_per_s = (secs > 0.0).then(|| p.bytes as f64 / 1048576.0 / secs);
-        } else {
-            self.status.disk = None;
-            self.status.percent = None;
-            self.status.mib_per_s = None;
+        self.status.session = self.run.as_ref().map(|s| s.id());
+        let mut left_mib = 0.0;
+        match (&self.run, progress) {
+            (Some(run), Some(p)) => {
+                let disk = run.disk_id(p.slot);
+                self.status.disk = Some(if p.round > 0 {
+                    format!("{disk} round {}", p.round)
+                } else {
+                    disk.to_owned()
+                });
+                self.status.percent =
+                    (p.block_count > 0).then(|| p.next_block as f64 * 100.0 / p.block_count as f64);
+                let secs = p.started.elapsed().as_secs_f64();
+                self.status.mib_per_s = (secs > 0.0).then(|| p.bytes as f64 / 1048576.0 / secs);
+                let block_size = run.geometry(p.slot).map_or(0, |g| u64::from(g.block_size));
+                left_mib = p.block_count.saturating_sub(p.next_block) as f64 * block_size as f64
+                    / 1048576.0;
+            }
+            (Some(run), None) if run.capturing() => {
+                self.status.disk = Some("taking the instant (freeze)".into());
+                self.status.percent = None;
+                self.status.mib_per_s = None;
+            }
+            _ => {
+                self.status.disk = None;
+                self.status.percent = None;
+                self.status.mib_per_s = None;
+            }
         }
         self.publish_status();
-        let p = &self.progress;
-        let scanning_disk = self.status.disk.clone();
+        let scanning_disk =
+            progress.and_then(|p| self.run.as_ref().map(|r| r.disk_id(p.slot).to_owned()));
         let (percent, speed) = (self.status.percent, self.status.mib_per_s);
-        let block_size = self
-            .session
-            .as_ref()
-            .and_then(|s| s.geometry(self.scan_slot))
-            .map_or(0, |g| u64::from(g.block_size));
-        let left_mib =
-            p.block_count.saturating_sub(p.next_block) as f64 * block_size as f64 / 1048576.0;
         let status = &self.status;
         self.hooks.status_file.update(|d| {
             d.connected = status.connected;
@@ -507,27 +463,25 @@ impl Driver {
         }
     }
 
-    fn abort_session(&mut self, code: ErrorCode, message: String) {
+    fn abort_session(&mut self, code: ErrorCode, message: String, disk: Option<String>) {
         let session = self
-            .session
+            .run
             .as_ref()
             .map(|s| s.id())
             .or(self.link.session())
             .unwrap_or(0);
         warn!(session, error = %message, "session failed");
-        let disk = self
-            .session
-            .as_ref()
-            .map(|s| s.disk_id(self.scan_slot).to_owned());
+        let disk = disk.or_else(|| {
+            let run = self.run.as_ref()?;
+            run.progress().map(|p| run.disk_id(p.slot).to_owned())
+        });
         self.hooks.status_file.update(|d| {
             d.last_error = Some(message.clone());
             if let Some(disk) = disk {
                 d.disks.entry(disk).or_default().last_error = Some(message.clone());
             }
         });
-        self.scan = None;
-        self.scan_rx = None;
-        self.session = None;
+        self.run = None;
         self.link.send_error(ErrorMsg {
             code,
             session,
@@ -646,12 +600,12 @@ impl Driver {
     fn stop_for_shutdown(&mut self) {
         self.stop_failback();
         // Stop at a frame boundary: the scan is dropped, the change logs hold
-        // what was sent, and the controller resumes from its last ack.
-        self.scan = None;
-        self.scan_rx = None;
-        if let (Some(s), slot) = (&mut self.session, self.scan_slot) {
-            let _ = s.sync_log(slot);
+        // what was sent, and the controller resumes from its last ack. A
+        // freeze in progress is thawed by its guard when the agent exits.
+        if let Some(run) = &mut self.run {
+            run.sync_running_log();
         }
+        self.run = None;
         self.link.send_error(ErrorMsg {
             code: ErrorCode::ShuttingDown,
             session: self.link.session().unwrap_or(0),
@@ -668,11 +622,11 @@ impl Driver {
                     disks = req.disks.len(),
                     "sync requested"
                 );
-                match AgentSession::prepare(&req, &self.cfg) {
-                    Ok((session, ready)) => {
-                        self.session = Some(session);
+                match SyncRun::start(&req, &self.cfg) {
+                    Ok((run, ready)) => {
+                        self.run = Some(run);
                         self.link.send_ready(ready)?;
-                        self.maybe_start_scan();
+                        self.kick();
                     }
                     Err(e) => {
                         self.link.send_error(ErrorMsg {
@@ -686,20 +640,22 @@ impl Driver {
                 }
             }
             AgentEvent::IndexChunk(c) => {
-                if let Some(s) = &mut self.session {
+                if let Some(s) = &mut self.run {
                     if let Err(e) = s.on_index_chunk(&c) {
-                        self.abort_session(error_code(&e), e.to_string());
+                        let disk = s.disk_id(c.slot).to_owned();
+                        self.abort_session(error_code(&e), e.to_string(), Some(disk));
                     }
                 }
             }
             AgentEvent::IndexComplete { slot } => {
-                if let Some(s) = &mut self.session {
+                if let Some(s) = &mut self.run {
                     if let Err(e) = s.on_index_complete(slot) {
-                        self.abort_session(error_code(&e), e.to_string());
+                        let disk = s.disk_id(slot).to_owned();
+                        self.abort_session(error_code(&e), e.to_string(), Some(disk));
                         return Ok(());
                     }
                 }
-                self.maybe_start_scan();
+                self.kick();
             }
             AgentEvent::Acked { slot, at } => {
                 debug!(
@@ -710,7 +666,7 @@ impl Driver {
                 );
             }
             AgentEvent::Committed(c) => {
-                if let Some(s) = &mut self.session {
+                if let Some(s) = &mut self.run {
                     let disk = s.disk_id(c.slot).to_owned();
                     match s.on_committed(&c) {
                         Ok(()) => {
@@ -760,16 +716,12 @@ impl Driver {
             AgentEvent::SessionEnded { session } => {
                 info!(session, "session ended");
                 self.stop_failback();
-                self.session = None;
-                self.scan = None;
-                self.scan_rx = None;
+                self.run = None;
             }
             AgentEvent::PeerError(e) => {
                 warn!(code = ?e.code, session = e.session, message = %e.message, "controller reported an error");
                 if self.link.session().is_none() {
-                    self.session = None;
-                    self.scan = None;
-                    self.scan_rx = None;
+                    self.run = None;
                     self.stop_failback();
                 }
             }
@@ -777,136 +729,42 @@ impl Driver {
         Ok(())
     }
 
-    fn maybe_start_scan(&mut self) {
-        if self.scan.is_some() || !self.link.streaming() {
-            return;
-        }
-        let Some(session) = &mut self.session else {
+    /// Lets the sync run start whatever can run now.
+    fn kick(&mut self) {
+        let Some(run) = &mut self.run else {
             return;
         };
-        if let Some((slot, job)) = session.next_scan(&self.cfg) {
-            info!(
-                disk = session.disk_id(slot),
-                from_block = job.from_block,
-                "scanning"
-            );
-            self.progress = Progress::new();
-            self.progress.next_block = job.from_block;
-            self.progress.block_count = session.geometry(slot).map(|g| g.block_count).unwrap_or(0);
-            let (scan, rx) = Scan::start(job, 64);
-            self.scan = Some(scan);
-            self.scan_rx = Some(rx);
-            self.scan_slot = slot;
-            self.since_checkpoint = CheckpointClock::new();
-        }
+        let r = run.kick(&mut self.link);
+        self.after_run_step(r);
     }
 
-    fn on_scan_item(&mut self, item: Option<ScanItem>) -> Result<()> {
-        let slot = self.scan_slot;
-        let Some(session) = &mut self.session else {
-            self.scan = None;
-            self.scan_rx = None;
-            return Ok(());
+    fn on_run_event(&mut self, ev: RunEvent) {
+        let Some(run) = &mut self.run else {
+            return;
         };
-        let disk = session.disk_id(slot).to_owned();
-        self.progress.last_item = Instant::now();
-        if let Some(ScanItem::Scanned { next_block, stats }) = &item {
-            self.progress.next_block = *next_block;
-            self.progress.bytes = stats.bytes_read + stats.bytes_in_holes;
-        }
-        let r: Result<(), SessionError> = (|| {
-            match item {
-                Some(ScanItem::Changed(c)) => {
-                    self.link
-                        .send_block(slot, c.block, c.encoding, c.raw_len, &c.digest, &c.payload)
-                        .map_err(|e| SessionError::Inconsistent {
-                            disk: disk.clone(),
-                            why: e.to_string(),
-                        })?;
-                    session.record_sent(slot, c.block, c.digest)?;
-                }
-                Some(ScanItem::Scanned { next_block, stats }) => {
-                    let scanned = stats.bytes_read + stats.bytes_in_holes;
-                    let due = scanned - self.since_checkpoint.bytes_at
-                        >= self.cfg.sync.checkpoint_bytes
-                        || self.since_checkpoint.at.elapsed() >= Duration::from_secs(5);
-                    if due {
-                        session.sync_log(slot)?;
-                        self.link.send_checkpoint(slot, next_block).map_err(|e| {
-                            SessionError::Inconsistent {
-                                disk: disk.clone(),
-                                why: e.to_string(),
-                            }
-                        })?;
-                        self.since_checkpoint = CheckpointClock {
-                            at: Instant::now(),
-                            bytes_at: scanned,
-                        };
-                    }
-                }
-                Some(ScanItem::Finished(stats)) => {
-                    let end = session.finish_slot(slot)?;
-                    log_scan(&disk, &stats);
-                    self.link
-                        .send_disk_end(end)
-                        .map_err(|e| SessionError::Inconsistent {
-                            disk: disk.clone(),
-                            why: e.to_string(),
-                        })?;
-                    self.scan = None;
-                    self.scan_rx = None;
-                }
-                Some(ScanItem::Failed(msg)) => {
-                    return Err(SessionError::Inconsistent {
-                        disk: disk.clone(),
-                        why: format!("scan failed: {msg}"),
-                    });
-                }
-                None => {
-                    return Err(SessionError::Inconsistent {
-                        disk: disk.clone(),
-                        why: "scan pipeline stopped".into(),
-                    });
-                }
-            }
-            Ok(())
-        })();
+        let r = run.handle(ev, &mut self.link);
+        self.after_run_step(r);
+    }
+
+    fn after_run_step(&mut self, r: Result<Vec<SlotSummary>, RunError>) {
         match r {
-            Ok(()) => {
-                self.maybe_start_scan();
-                Ok(())
+            Ok(ended) => {
+                for e in ended {
+                    self.hooks.status_file.update(|d| {
+                        let s = d.disks.entry(e.disk.clone()).or_default();
+                        s.last_consistency = Some(e.consistency.level.as_str().to_owned());
+                        s.last_frozen_ms = Some(e.consistency.frozen_ms);
+                        s.last_rounds = Some(e.consistency.rounds);
+                        s.last_bytes_read = Some(e.bytes_read);
+                        s.last_note =
+                            (!e.consistency.note.is_empty()).then(|| e.consistency.note.clone());
+                        s.method = Some(e.method.to_owned());
+                    });
+                }
             }
-            Err(e) => {
-                let code = if matches!(e, SessionError::Inconsistent { .. }) {
-                    ErrorCode::DiskUnreadable
-                } else {
-                    error_code(&e)
-                };
-                self.abort_session(code, e.to_string());
-                Ok(())
-            }
+            Err(e) => self.abort_session(e.code, e.message, e.disk),
         }
     }
-}
-
-fn log_scan(disk: &str, s: &ScanStats) {
-    let mib = (s.bytes_read + s.bytes_in_holes) as f64 / (1024.0 * 1024.0);
-    info!(
-        disk,
-        blocks = s.blocks,
-        changed = s.changed_blocks,
-        skipped_by_change_source = s.skipped_blocks,
-        bytes_read = s.bytes_read,
-        bytes_in_holes = s.bytes_in_holes,
-        payload_bytes = s.payload_bytes,
-        seconds = s.seconds,
-        mib_per_s = if s.seconds > 0.0 {
-            mib / s.seconds
-        } else {
-            0.0
-        },
-        "disk scanned"
-    );
 }
 
 #[cfg(test)]
