@@ -58,13 +58,17 @@ typedef __u8 blk_status_t;
 /* include/linux/kdev_t.h: the kernel's dev_t is major << 20 | minor. */
 #define TL_MINORBITS 20
 
+struct request_queue;
+
 struct gendisk {
 	int major;
 	int first_minor;
+	struct request_queue *queue;
 } __attribute__((preserve_access_index));
 
 struct request_queue {
 	struct gendisk *disk; /* since 5.15 */
+	const void *mq_ops;   /* set for request-based (blk-mq) devices */
 } __attribute__((preserve_access_index));
 
 struct block_device {
@@ -143,6 +147,14 @@ static __always_inline struct gendisk *bio_disk(struct bio *bio)
 	if (bpf_core_field_exists(bio->bi_bdev))
 		return bio->bi_bdev->bd_disk;
 	return BPF_CORE_READ((struct bio___old *)bio, bi_disk);
+}
+
+/* Whether the disk is request-based (blk-mq): block_rq_complete marks it. */
+static __always_inline int request_based(struct gendisk *disk)
+{
+	struct request_queue *q = disk->queue;
+
+	return q && q->mq_ops;
 }
 
 static __always_inline void count(void *words, __u32 word)
@@ -260,6 +272,7 @@ int BPF_PROG(tl_rq_complete, struct request *rq, blk_status_t error,
 	words = bpf_map_lookup_elem(&tl_disks, &key);
 	if (!words)
 		return 0;
+	count(words, TL_HDR_WRITE_EVENTS);
 	if (unpositioned(op)) {
 		count(words, TL_HDR_OVERFLOWS);
 		return 0;
@@ -273,7 +286,9 @@ int BPF_PROG(tl_rq_complete, struct request *rq, blk_status_t error,
 /*
  * A bio entered the block layer (already remapped from its partition to
  * the whole disk). The only hook that sees bio-based devices (device
- * mapper, md), which have no requests; it also counts write events.
+ * mapper, md), which have no requests; it marks and counts their writes.
+ * Request-based disks are left to block_rq_complete at once: marking them
+ * here too would only double the cost of every write.
  */
 SEC("tp_btf/block_bio_queue")
 int BPF_PROG(tl_bio_queue, struct bio *bio)
@@ -287,7 +302,7 @@ int BPF_PROG(tl_bio_queue, struct bio *bio)
 	if (!(op & 1))
 		return 0;
 	disk = bio_disk(bio);
-	if (!disk)
+	if (!disk || request_based(disk))
 		return 0;
 	key = disk_key(disk);
 	words = bpf_map_lookup_elem(&tl_disks, &key);

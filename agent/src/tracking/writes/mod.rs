@@ -29,9 +29,12 @@
 //!   write's completion sets the bit again. The BTF-typed tracepoint reads
 //!   the op from `rq->cmd_flags`, so write-zeroes, which the classic
 //!   tracepoint shows as a discard, is classified by the kernel's own code.
-//! - `block_bio_queue` (every bio, and the only hook bio-based devices such
-//!   as device mapper and md have): marks the bio's range when it enters
-//!   the block layer, and counts write events.
+//!   It counts the disk's write events too.
+//! - `block_bio_queue` (the only hook bio-based devices such as device
+//!   mapper and md have): marks the bio's range when it enters the block
+//!   layer, and counts write events. It returns at once for request-based
+//!   disks (their queue has `mq_ops`), which `block_rq_complete` covers:
+//!   marking them twice would double the tracker's cost per write.
 //! - `block_bio_complete` (bios traced at queue time, when they end): for
 //!   bio-based devices, the completion-time mark that `block_rq_complete`
 //!   gives request-based ones; it marks what the bio still describes and
@@ -39,7 +42,7 @@
 //!   it (`blk_update_request` clears the bio's trace flag: the request was
 //!   traced).
 //!
-//! Marking twice is harmless. Bio-based stacks (LVM, dm-crypt, md) are
+//! Marking twice would be harmless, only slower. Bio-based stacks (LVM, dm-crypt, md) are
 //! designed for by the two bio hooks but are not tested: the test machine
 //! has no device mapper. Until they are, an LVM volume should be tracked
 //! through the disks under it, or not at all.
