@@ -342,8 +342,8 @@ fn show_status(cfg: &AgentConfig, json: bool) -> Result<()> {
         println!("last error: {e}");
     }
     println!(
-        "{:<16} {:>10} {:>10} {:>26} last error",
-        "disk", "point", "RPO lag", "progress"
+        "{:<16} {:>10} {:>10} {:>18} {:>26} last error",
+        "disk", "point", "RPO lag", "consistency", "progress"
     );
     for (id, d) in &doc.disks {
         let progress = if d.scanning {
@@ -356,14 +356,24 @@ fn show_status(cfg: &AgentConfig, json: bool) -> Result<()> {
         } else {
             "idle".into()
         };
+        // The level of the last point copied, and how long it was frozen.
+        let consistency = match (&d.last_consistency, d.last_frozen_ms) {
+            (Some(l), Some(ms)) if ms > 0 => format!("{l} {ms}ms"),
+            (Some(l), _) => l.clone(),
+            _ => "-".into(),
+        };
         println!(
-            "{:<16} {:>10} {:>10} {:>26} {}",
+            "{:<16} {:>10} {:>10} {:>18} {:>26} {}",
             id,
             d.last_point.map_or("-".into(), |p| p.to_string()),
             d.last_point_unix.map_or("-".into(), age),
+            consistency,
             progress,
             d.last_error.as_deref().unwrap_or("-")
         );
+        if let Some(note) = &d.last_note {
+            println!("{:<16} note: {note}", "");
+        }
     }
     Ok(())
 }

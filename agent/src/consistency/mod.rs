@@ -31,7 +31,7 @@ pub mod hooks;
 pub mod mounts;
 pub mod snapshot;
 
-pub use guard::{freeze, FreezeError, FreezeRequest, Frozen, ThawCause, ThawReport};
+pub use guard::{flush, freeze, FreezeError, FreezeRequest, Frozen, ThawCause, ThawReport};
 pub use hooks::{Hook, HookContext, HookOutcome, HookPhase, HookRun};
 pub use mounts::{filesystem_holding, filesystems_on, MountedFs, MountsError};
 pub use snapshot::{remove_stale_clones, ReflinkSnapshot, SnapshotError};

@@ -92,6 +92,19 @@ pub struct InstantPlan {
 /// to copy live in the next round.
 pub type LastCopy = Result<FrozenCopy, Vec<(u64, u64)>>;
 
+/// Where an attempt's time went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InstantTiming {
+    /// `syncfs` passes before freezing.
+    pub sync: Duration,
+    /// The `FIFREEZE` calls.
+    pub freeze: Duration,
+    /// Taking and reading the remainder while frozen.
+    pub read: Duration,
+    /// Bytes read while frozen.
+    pub read_bytes: u64,
+}
+
 /// What an attempt achieved.
 pub struct InstantOutcome {
     /// Per frozen slot, its last copy.
@@ -100,6 +113,10 @@ pub struct InstantOutcome {
     pub clones: Vec<(u16, Result<ReflinkSnapshot, String>)>,
     /// How long the filesystems were frozen.
     pub frozen_for: Option<Duration>,
+    /// Where the time went: the `syncfs` passes before the freeze (nothing
+    /// frozen yet), the `FIFREEZE` calls (writers already wait), and the
+    /// read of the remainder while frozen, with its size.
+    pub timing: InstantTiming,
     /// Per group: whether its pre-freeze hook ran and succeeded (only then
     /// can its points be application-consistent).
     pub hooks_ok: BTreeMap<String, bool>,
@@ -115,6 +132,7 @@ impl InstantOutcome {
             frozen: Vec::new(),
             clones: Vec::new(),
             frozen_for: None,
+            timing: InstantTiming::default(),
             hooks_ok: plan
                 .hooks
                 .iter()
@@ -186,6 +204,11 @@ fn capture_instant(plan: &InstantPlan, out: &mut InstantOutcome) -> FreezeSummar
             }
         }
     };
+    if let Some(f) = &frozen {
+        out.timing.sync = f.sync_took();
+        out.timing.freeze = f.freeze_took();
+    }
+    let reading = Instant::now();
     // Leave a quarter of the bound (at least 50 ms) for the thaw.
     let margin = (plan.max_frozen / 4).max(Duration::from_millis(50));
     let read_by = frozen.as_ref().map_or_else(
@@ -224,6 +247,7 @@ fn capture_instant(plan: &InstantPlan, out: &mut InstantOutcome) -> FreezeSummar
         match capture(&*s.source, extents, memory_left, read_by) {
             Ok(c) => {
                 memory_left -= c.bytes();
+                out.timing.read_bytes += c.bytes();
                 copies.push(Some(c));
             }
             Err(e) => {
@@ -232,6 +256,7 @@ fn capture_instant(plan: &InstantPlan, out: &mut InstantOutcome) -> FreezeSummar
             }
         }
     }
+    out.timing.read = reading.elapsed();
     let mut clones = Vec::with_capacity(plan.clones.len());
     for c in &plan.clones {
         clones.push((

@@ -5,10 +5,11 @@
 //!  First      each slot's first copy (round 0): a hash scan, the blocks the
 //!             write tracker names, or a change source's extents; disks read
 //!             live (exports, files without reflinks) end here
-//!  PreCopy    take what the tracker recorded meanwhile; while it is more than
-//!             a freeze can read in half its bound, copy it live in another
-//!             round (at most `precopy_rounds`); tracked disks with nothing to
-//!             freeze end here
+//!  PreCopy    flush the filesystems (syncfs: dirty pages reach the tracker now,
+//!             not during the freeze), take what the tracker recorded
+//!             meanwhile; while it is more than a freeze can read in a tenth of
+//!             its bound, copy it live in another round (at most
+//!             `precopy_rounds`); tracked disks with nothing to freeze end here
 //!  Instant    hooks, freeze, take and read the rest into memory, clone image
 //!             files, thaw, hooks (`instant.rs`, on a thread of its own); a
 //!             failed attempt forces another live round, then retries
@@ -47,6 +48,9 @@ use crate::source::{DiskSource, RawDisk};
 const ASSUMED_READ_BYTES_PER_SEC: f64 = 200.0 * 1024.0 * 1024.0;
 /// Below this, a remainder is always small enough to freeze for.
 const MIN_FREEZE_BYTES: u64 = 1 << 20;
+/// The remainder read while frozen may take one part in this many of
+/// `max_frozen_ms`.
+const FREEZE_READ_SHARE: f64 = 10.0;
 
 /// Why a session cannot go on, with the code for the controller.
 #[derive(Debug)]
@@ -608,12 +612,14 @@ impl SyncRun {
         Ok(())
     }
 
-    /// Bytes a freeze can read in half its bound, at the speed the tracked
-    /// rounds showed, within the memory allowed.
+    /// Bytes a freeze can read in a tenth of its bound, at the speed the
+    /// live rounds showed, within the memory allowed. The freeze also has to
+    /// flush and thaw, and under load a live round is cheap: another round
+    /// now is better than a longer freeze.
     fn freeze_budget(&self) -> u64 {
         let c = &self.cfg.consistency;
         let speed = self.read_speed.unwrap_or(ASSUMED_READ_BYTES_PER_SEC);
-        let by_time = speed * (c.max_frozen_ms as f64 / 1000.0) / 2.0;
+        let by_time = speed * (c.max_frozen_ms as f64 / 1000.0) / FREEZE_READ_SHARE;
         (by_time as u64)
             .min(c.freeze_memory_bytes())
             .max(MIN_FREEZE_BYTES)
@@ -739,6 +745,8 @@ impl SyncRun {
                 attempt = self.attempts,
                 of = self.cfg.consistency.freeze_attempts,
                 frozen_ms = ?frozen_ms,
+                fifreeze_ms = out.timing.freeze.as_millis() as u64,
+                read_ms = out.timing.read.as_millis() as u64,
                 reason = %why,
                 "instant not captured; copying live once more before the next attempt"
             );
@@ -759,6 +767,10 @@ impl SyncRun {
         info!(
             session = self.id(),
             frozen_ms = ?frozen_ms,
+            syncfs_ms = out.timing.sync.as_millis() as u64,
+            fifreeze_ms = out.timing.freeze.as_millis() as u64,
+            read_ms = out.timing.read.as_millis() as u64,
+            read_bytes = out.timing.read_bytes,
             slots = out.frozen.len(),
             clones = out.clones.len(),
             "instant captured"
