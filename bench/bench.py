@@ -832,6 +832,17 @@ def main():
     p.add_argument("--vmdk-gib", type=float, default=2, help="image size of the VMDK read benchmark")
     p.add_argument("--skip-bitmap", action="store_true", help="with --formats: skip the dirty-bitmap benchmark")
     p.add_argument("--skip-vmdk", action="store_true", help="with --formats: skip the VMDK benchmark")
+    p.add_argument("--consistency", action="store_true",
+                   help="the consistency benchmarks instead: tracked vs hash-scan incremental of a block device, "
+                        "the tracker's cost under fio, freeze windows under a sustained write load")
+    p.add_argument("--skip-tracked", action="store_true", help="with --consistency: skip the tracked incremental")
+    p.add_argument("--skip-overhead", action="store_true", help="with --consistency: skip the fio overhead runs")
+    p.add_argument("--skip-freeze", action="store_true", help="with --consistency: skip the freeze windows")
+    p.add_argument("--fio-rounds", type=int, default=5, help="with --consistency: fio runs per side")
+    p.add_argument("--fio-secs", type=int, default=10, help="with --consistency: seconds per fio run")
+    p.add_argument("--freeze-points", type=int, default=20, help="with --consistency: points under load")
+    p.add_argument("--quiet-secs", type=int, default=30,
+                   help="with --consistency: seconds of commit latency sampled before any sync")
     args = p.parse_args()
     args.rss_sizes = [float(x) for x in args.rss_sizes.split(",") if x.strip()]
     args.study_block_sizes = [size_arg(x) for x in args.study_block_sizes.split(",") if x.strip()]
@@ -854,6 +865,10 @@ def main():
             import formats
 
             out["formats"] = formats.run(args, bins, cache, work)
+        elif args.consistency:
+            import consistency
+
+            out["consistency"] = consistency.run(args, bins, cache, work)
         elif args.block_size_study:
             out["study"] = study_run(args, bins, cache, work)
         else:
@@ -867,7 +882,7 @@ def main():
         m = out["machine"]
         print(f"\nmachine: {m['nproc']} x {m['cpu']}, {m['mem_bytes'] / GiB:.1f} GiB RAM, kernel {m['kernel']}; "
               f"run {out['started']} .. {out['finished']}")
-        if args.formats:
+        if args.formats or args.consistency:
             pass  # printed as it finished
         elif args.block_size_study:
             print_study(out["study"], cache)

@@ -10,9 +10,14 @@
 #                         [--keep] [--cache auto|cold|warm] [--rss-sizes 1,2]
 #                         [--block-size-study [--study-block-sizes 16k,64k,...]]
 #                         [--json FILE] [--formats [--vmdk-gib N]]
+#                         [--consistency [--skip-tracked] [--skip-overhead]
+#                          [--skip-freeze] [--freeze-points N] [--fio-rounds N]]
 #        scripts/bench.sh --failback [--size-gib N] [--block-size BYTES]
 #                         [--workdir DIR] [--keep] [--cache auto|cold|warm]
 #                         [--json FILE]
+# --consistency (root) runs bench/consistency.py: eBPF-tracked vs hash-scan
+# incrementals of a block device, the tracker's cost under fio, and freeze
+# windows under a sustained write load.
 # --failback runs bench/failback.py instead: full and incremental (map and
 # --rescan) failback passes into an empty raw target, against zstd -d and
 # b3sum in the same run.
