@@ -456,8 +456,17 @@ fn boot_and_replicate(firmware: Firmware) -> Result<()> {
         "the agent's STATUS= did not reach systemd: {unit:#?}"
     );
     ensure!(get("WatchdogUSec") == "1min", "{unit:#?}");
+    // What the packaged unit grants (packaging/README.md explains each).
+    let mut caps: Vec<&str> = get("CapabilityBoundingSet").split_whitespace().collect();
+    caps.sort_unstable();
     ensure!(
-        get("CapabilityBoundingSet") == "cap_dac_read_search",
+        caps == [
+            "cap_bpf",
+            "cap_dac_read_search",
+            "cap_perfmon",
+            "cap_sys_admin",
+            "cap_sys_resource"
+        ],
         "{unit:#?}"
     );
     ensure!(
@@ -562,6 +571,16 @@ fn boot_and_replicate(firmware: Firmware) -> Result<()> {
     ensure!(
         committed["version"] == "1.1" && committed["level"] == 6,
         "{committed}"
+    );
+    // Inside the packaged unit's sandbox, under a live systemd, the agent
+    // tracks the data disk's writes with its eBPF program (bpf(2) allowed,
+    // /sys/fs/bpf writable, CAP_BPF and CAP_PERFMON kept).
+    let (_, copied) = gelf.wait_for("disk copied", Duration::from_secs(30))?;
+    ensure!(
+        copied["_method"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("tracked")),
+        "the agent did not track the data disk's writes: {copied}"
     );
 
     // kill -9 inside the guest: systemd restarts the agent (Restart=on-failure),
