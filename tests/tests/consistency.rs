@@ -30,6 +30,31 @@ fn check_point(w: &World, agent: &str, disk: &str, fs: Fs, db: &str, n: usize) -
     Ok(state.rows)
 }
 
+/// A world with a controller and one loop disk with `fs` mounted on it,
+/// protected by `agent` as disk `data` (the agent is not started).
+fn world_with_disk(agent: &str, size: u64, fs: Fs) -> Result<(World, LoopDisk, [DiskSpec; 1])> {
+    let mut w = World::new(&[agent])?;
+    w.start_controller()?;
+    let disk = LoopDisk::create(w.dir.path(), "data", size, fs, false)?;
+    let spec = [DiskSpec {
+        id: "data".into(),
+        path: disk.fs_device.clone(),
+        block_size: 65536,
+    }];
+    Ok((w, disk, spec))
+}
+
+/// A file of the latest point of disk `data`: exported, mounted, read, and
+/// the filesystem checked.
+fn file_in_latest(w: &World, agent: &str, fs: Fs, file: &str) -> Result<Vec<u8>> {
+    let image = w.export(agent, "data", "latest")?;
+    let copy = MountedCopy::mount(&image, fs, false, &w.path("check"))?;
+    let bytes = std::fs::read(copy.mount.join(file))?;
+    copy.unmount_and_fsck()?;
+    std::fs::remove_file(&image)?;
+    Ok(bytes)
+}
+
 fn database_points_are_consistent(fs: Fs, partitioned: bool) -> Result<()> {
     let mut w = World::new(&["db-host"])?;
     w.start_controller()?;
@@ -161,9 +186,7 @@ fn hooks_lift_points_to_application_and_a_hung_hook_is_killed() -> Result<()> {
     if !root_or_skip("hooks_lift_points_to_application_and_a_hung_hook_is_killed") {
         return Ok(());
     }
-    let mut w = World::new(&["app"])?;
-    w.start_controller()?;
-    let disk = LoopDisk::create(w.dir.path(), "data", 128 << 20, Fs::Ext4, false)?;
+    let (mut w, disk, disks) = world_with_disk("app", 128 << 20, Fs::Ext4)?;
     let marker = w.path("hook-env.txt");
     let good = w.path("pre-good.sh");
     std::fs::write(
@@ -186,11 +209,6 @@ fn hooks_lift_points_to_application_and_a_hung_hook_is_killed() -> Result<()> {
     for f in [&good, &hung, &post] {
         run(std::process::Command::new("chmod").arg("755").arg(f))?;
     }
-    let disks = [DiskSpec {
-        id: "data".into(),
-        path: disk.device.clone(),
-        block_size: 65536,
-    }];
     let group = |pre: &Path| {
         format!(
             "[[group]]\nid = \"db\"\npre_freeze = \"{}\"\npost_thaw = \"{}\"\nhook_timeout_secs = 2\n",
@@ -248,10 +266,7 @@ fn hooks_lift_points_to_application_and_a_hung_hook_is_killed() -> Result<()> {
     ensure!(left.trim().is_empty(), "hook processes left: {left}");
     std::fs::write(disk.mount_point().join("after"), b"writable")?;
     disk.sync_fs()?;
-    let image = w.export("app", "data", "latest")?;
-    let copy = MountedCopy::mount(&image, Fs::Ext4, false, &w.path("check"))?;
-    ensure!(std::fs::read(copy.mount.join("file2"))? == vec![8u8; 1 << 20]);
-    copy.unmount_and_fsck()?;
+    ensure!(file_in_latest(&w, "app", Fs::Ext4, "file2")? == vec![8u8; 1 << 20]);
     Ok(())
 }
 
@@ -262,14 +277,7 @@ fn sigkill_of_the_agent_while_frozen_leaves_the_filesystem_writable() -> Result<
     if !root_or_skip("sigkill_of_the_agent_while_frozen_leaves_the_filesystem_writable") {
         return Ok(());
     }
-    let mut w = World::new(&["victim"])?;
-    w.start_controller()?;
-    let disk = LoopDisk::create(w.dir.path(), "data", 128 << 20, Fs::Xfs, false)?;
-    let disks = [DiskSpec {
-        id: "data".into(),
-        path: disk.device.clone(),
-        block_size: 65536,
-    }];
+    let (mut w, disk, disks) = world_with_disk("victim", 128 << 20, Fs::Xfs)?;
     let cfg = w.agent_config(
         "victim",
         &disks,
@@ -336,14 +344,7 @@ fn a_freeze_that_overruns_is_retried_then_fails_or_is_committed_as_none() -> Res
     if !root_or_skip("a_freeze_that_overruns_is_retried_then_fails_or_is_committed_as_none") {
         return Ok(());
     }
-    let mut w = World::new(&["slow"])?;
-    w.start_controller()?;
-    let disk = LoopDisk::create(w.dir.path(), "data", 128 << 20, Fs::Ext4, false)?;
-    let disks = [DiskSpec {
-        id: "data".into(),
-        path: disk.device.clone(),
-        block_size: 65536,
-    }];
+    let (mut w, disk, disks) = world_with_disk("slow", 128 << 20, Fs::Ext4)?;
     let hold = [("TIDELINE_FAULT_HOLD_FROZEN_MS", "400")];
     let cfg = w.agent_config(
         "slow",
@@ -390,10 +391,7 @@ fn a_freeze_that_overruns_is_retried_then_fails_or_is_committed_as_none() -> Res
         "{latest}"
     );
     // Not consistent, but whole: the file written before the sync is in it.
-    let image = w.export("slow", "data", "latest")?;
-    let copy = MountedCopy::mount(&image, Fs::Ext4, false, &w.path("check"))?;
-    ensure!(std::fs::read(copy.mount.join("after"))? == b"x");
-    copy.unmount_and_fsck()?;
+    ensure!(file_in_latest(&w, "slow", Fs::Ext4, "after")? == b"x");
     Ok(())
 }
 
@@ -404,14 +402,7 @@ fn without_tracking_points_say_none_and_a_crash_requirement_refuses() -> Result<
     if !root_or_skip("without_tracking_points_say_none_and_a_crash_requirement_refuses") {
         return Ok(());
     }
-    let mut w = World::new(&["plain"])?;
-    w.start_controller()?;
-    let disk = LoopDisk::create(w.dir.path(), "data", 64 << 20, Fs::Ext4, false)?;
-    let disks = [DiskSpec {
-        id: "data".into(),
-        path: disk.device.clone(),
-        block_size: 65536,
-    }];
+    let (mut w, _disk, disks) = world_with_disk("plain", 64 << 20, Fs::Ext4)?;
     let cfg = w.agent_config(
         "plain",
         &disks,
