@@ -218,8 +218,7 @@ async fn quiesce(mut att: Attached, agent: &str) -> Option<ActiveSession> {
     s.touch();
     if failed {
         s.state = SessionState::Failed;
-        s.error
-            .get_or_insert_with(|| "the session's store thread stopped".into());
+        s.error.get_or_insert_with(|| att.active.writer.failure().1);
         return None;
     }
     if s.disks.iter().all(|d| d.committed.is_some()) {
@@ -392,6 +391,12 @@ impl AgentConn {
                 self.agent, a.id
             ));
         }
+        // A full store refuses here, naming the cause, rather than in the
+        // middle of the transfer.
+        self.ctl
+            .store
+            .check_writable()
+            .map_err(|e| format!("agent {}: {e}", self.agent))?;
         let inv = self
             .link
             .inventory()
@@ -577,24 +582,39 @@ impl AgentConn {
             .ok_or_else(|| anyhow!("agent {}: slot {slot} has no session disk", self.agent))
     }
 
-    fn write(&self, cmd: WriteCmd) -> Result<()> {
-        let a = self.session.as_ref().ok_or_else(|| anyhow!("no session"))?;
+    /// Queues `cmd` for the session's store thread. If the thread has
+    /// stopped, the session fails with the cause the thread recorded (the
+    /// same one its `Failed` reply carries, whichever arrives first).
+    fn write(&mut self, cmd: WriteCmd) -> Result<()> {
+        // No session: it already failed, and the link drops its messages.
+        let Some(a) = self.session.as_ref() else {
+            return Ok(());
+        };
         let tx = a.active.writer.sender();
-        match tx.try_send(cmd) {
-            Ok(()) => Ok(()),
+        let sent = match tx.try_send(cmd) {
+            Ok(()) => true,
             // The writer's queue is bounded: waiting here holds the agent
             // back through TCP instead of buffering without limit.
             Err(std::sync::mpsc::TrySendError::Full(cmd)) => {
-                if tokio::task::block_in_place(|| tx.send(cmd).is_ok()) {
-                    Ok(())
-                } else {
-                    bail!("the session's store thread stopped")
-                }
+                tokio::task::block_in_place(|| tx.send(cmd).is_ok())
             }
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                bail!("the session's store thread stopped")
-            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
+        };
+        if !sent {
+            self.writer_stopped();
         }
+        Ok(())
+    }
+
+    /// The session's store thread stopped: fails the session with its
+    /// recorded cause and tells the agent.
+    fn writer_stopped(&mut self) {
+        let Some(a) = self.session.as_ref() else {
+            return;
+        };
+        let (code, message) = a.active.writer.failure();
+        self.fail_session(&message);
+        self.link.send_error(code, false, message);
     }
 
     async fn on_event(&mut self, ev: ControllerEvent) -> Result<()> {
@@ -621,6 +641,7 @@ impl AgentConn {
                 let req = a.active.request.clone();
                 let slot_disk = a.slot_disk.clone();
                 let slot_resume = a.slot_resume.clone();
+                let mut begins = Vec::with_capacity(r.disks.len());
                 for (slot, ready) in r.disks.iter().enumerate() {
                     let di = slot_disk[slot];
                     let d = &req.disks[di];
@@ -628,14 +649,20 @@ impl AgentConn {
                         let g = tideline_protocol::Geometry::new(ready.disk_size, ready.block_size);
                         s.disks[di].block_count = g.block_count;
                     }
-                    self.write(WriteCmd::Begin {
+                    begins.push(WriteCmd::Begin {
                         disk: di,
                         point: d.point,
                         base: d.base.map(|b| b.point),
                         disk_size: ready.disk_size,
                         block_size: ready.block_size,
                         resume_from: slot_resume[slot],
-                    })?;
+                    });
+                }
+                for begin in begins {
+                    self.write(begin)?;
+                }
+                if self.session.is_none() {
+                    return Ok(());
                 }
                 for (slot, ready) in r.disks.iter().enumerate() {
                     if ready.needs_index {
@@ -751,7 +778,7 @@ impl AgentConn {
 
     fn on_reply(&mut self, reply: Option<WriteReply>) -> Result<()> {
         let Some(reply) = reply else {
-            self.fail_session("the session's store thread stopped");
+            self.writer_stopped();
             return Ok(());
         };
         match reply {

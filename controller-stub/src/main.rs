@@ -46,6 +46,9 @@ enum Command {
     Ca(CaCommand),
     /// List agents, their disks, latest points and RPO lag.
     Agents,
+    /// Show whether the store takes new points (and why not), its free
+    /// space, its size and any damage found in its packs.
+    Store,
     /// Start a sync of an agent's disks and (by default) wait for it.
     Sync {
         /// Agent id.
@@ -210,6 +213,7 @@ fn real_main() -> Result<()> {
         }
         Command::Ca(c) => ca(c),
         Command::Agents => print(admin(&socket(), "GET", "/v1/agents", None)?),
+        Command::Store => print(admin(&socket(), "GET", "/v1/store", None)?),
         Command::Sessions { id } => {
             let path = match id {
                 Some(id) => format!("/v1/sessions/{id}"),

@@ -237,6 +237,9 @@ pub type SharedStatus = Arc<Mutex<SessionStatus>>;
 /// The writer thread of a session.
 pub struct SessionWriter {
     tx: SyncSender<WriteCmd>,
+    /// Why the thread stopped, recorded before it stops taking commands:
+    /// whoever notices first (a reply, a closed queue) reports this cause.
+    failure: Arc<Mutex<Option<(ErrorCode, String)>>>,
 }
 
 impl SessionWriter {
@@ -250,10 +253,39 @@ impl SessionWriter {
         replies: mpsc::Sender<WriteReply>,
     ) -> std::io::Result<SessionWriter> {
         let (tx, rx) = sync_channel(256);
+        let failure = Arc::new(Mutex::new(None));
+        let failed = Arc::clone(&failure);
         std::thread::Builder::new()
             .name("tideline-store".into())
-            .spawn(move || writer_loop(&store, &agent, &disks, &status, rx, replies))?;
-        Ok(SessionWriter { tx })
+            .spawn(move || {
+                let fail = |code: ErrorCode, message: String| {
+                    warn!(agent, error = %message, "session failed in the store");
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, message));
+                };
+                writer_loop(&store, &agent, &disks, &status, rx, replies.clone(), fail);
+                // The queue is closed now (the loop owned it), so a
+                // connection waiting to queue more cannot hold this reply up.
+                let failure = failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some((code, message)) = failure {
+                    let _ = replies.blocking_send(WriteReply::Failed { code, message });
+                }
+            })?;
+        Ok(SessionWriter { tx, failure })
+    }
+
+    /// Why the thread stopped: the failure it recorded, or (if it ended
+    /// without one, e.g. it panicked) a generic cause.
+    pub fn failure(&self) -> (ErrorCode, String) {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| {
+                (
+                    ErrorCode::Internal,
+                    "the session's store thread stopped".to_owned(),
+                )
+            })
     }
 
     /// Hands a command to the thread; waits while its queue is full. Must be
@@ -381,13 +413,10 @@ fn writer_loop(
     status: &SharedStatus,
     rx: Receiver<WriteCmd>,
     replies: mpsc::Sender<WriteReply>,
+    fail: impl Fn(ErrorCode, String),
 ) {
     let mut builders: Vec<Option<PointBuilder<'_>>> = disks.iter().map(|_| None).collect();
     let mut zeros: Vec<Option<ZeroDigests>> = disks.iter().map(|_| None).collect();
-    let fail = |code: ErrorCode, message: String| {
-        warn!(agent, error = %message, "session failed in the store");
-        let _ = replies.blocking_send(WriteReply::Failed { code, message });
-    };
     let mut pending: Option<WriteCmd> = None;
     loop {
         let cmd = match pending.take() {

@@ -210,6 +210,68 @@ impl Drop for LoopDisk {
     }
 }
 
+/// A small tmpfs mounted for one test (a file system that fills up),
+/// unmounted when dropped.
+pub struct Tmpfs {
+    mount: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` bytes on `mount` (created if missing).
+    pub fn mount(mount: &Path, size: u64) -> Result<Tmpfs> {
+        std::fs::create_dir_all(mount)?;
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size}"))
+            .arg("tideline-test")
+            .arg(mount))?;
+        Ok(Tmpfs {
+            mount: mount.to_owned(),
+        })
+    }
+
+    /// Grows (or shrinks) it to `size` bytes in place.
+    pub fn resize(&self, size: u64) -> Result<()> {
+        run(Command::new("mount")
+            .arg("-o")
+            .arg(format!("remount,size={size}"))
+            .arg(&self.mount))?;
+        Ok(())
+    }
+
+    /// Writes a file of zeros at `path` (on this file system) until the
+    /// file system is full; returns how much it took.
+    pub fn fill(&self, path: &Path) -> Result<u64> {
+        use std::io::Write;
+        let mut f = File::create(path)?;
+        let buf = vec![0u8; 64 << 10];
+        let mut written = 0u64;
+        loop {
+            match f.write(&buf) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => return Err(e).with_context(|| format!("filling {}", path.display())),
+            }
+        }
+        Ok(written)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // A process of a failed test may still hold files on it: then it
+        // is detached now and freed when they close.
+        let done = Command::new("umount")
+            .arg(&self.mount)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !done {
+            let _ = Command::new("umount").arg("-l").arg(&self.mount).output();
+        }
+    }
+}
+
 /// Polls `cond` until it holds or `limit` passes.
 pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + limit;

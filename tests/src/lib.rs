@@ -243,6 +243,33 @@ impl World {
         }
     }
 
+    /// Stops the controller with SIGTERM (a clean stop) and waits for it.
+    pub fn stop_controller(&mut self) -> Result<()> {
+        let Some(mut c) = self.controller.take() else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + command_timeout();
+        while Instant::now() < deadline {
+            if let Some(status) = c.try_wait()? {
+                if !status.success() {
+                    bail!("controller exited with {status} on SIGTERM");
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        bail!(
+            "controller did not stop within {:?} of SIGTERM",
+            command_timeout()
+        )
+    }
+
     /// Writes an agent configuration and returns its path.
     pub fn agent_config(
         &self,

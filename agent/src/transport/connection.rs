@@ -720,6 +720,14 @@ impl Driver {
             }
             AgentEvent::PeerError(e) => {
                 warn!(code = ?e.code, session = e.session, message = %e.message, "controller reported an error");
+                if e.code != ErrorCode::ShuttingDown {
+                    // What failed at the controller (its store full, a
+                    // digest mismatch) is this agent's last error too.
+                    let message = format!("controller: {}", e.message);
+                    self.hooks
+                        .status_file
+                        .update(|d| d.last_error = Some(message.clone()));
+                }
                 if self.link.session().is_none() {
                     self.run = None;
                     self.stop_failback();

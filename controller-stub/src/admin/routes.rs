@@ -34,6 +34,12 @@ pub async fn handle(ctl: Arc<Controller>, req: Request) -> Response {
     match (req.method.as_str(), parts.as_slice()) {
         ("GET", ["metrics"]) => Response::text(metrics(&ctl)),
         ("GET", ["v1", "agents"]) => Response::ok(json!(ctl.agents_summary())),
+        ("GET", ["v1", "store"]) => Response::ok(json!({
+            "root": ctl.store.root(),
+            "health": ctl.store.health(),
+            "stats": ctl.store.stats(),
+            "damage": ctl.store.damage(),
+        })),
         ("POST", ["v1", "agents", agent, "sync"]) => {
             let disks: Vec<String> = match req.body.get("disks") {
                 None | Some(Value::Null) => Vec::new(),
@@ -377,6 +383,27 @@ pub fn metrics(ctl: &Controller) -> String {
         "gauge",
         "Bytes of chunk records in the store's packs.",
         vec![(String::new(), stats.stored_bytes.to_string())],
+    );
+    let health = ctl.store.health();
+    metric(
+        "tideline_store_writable",
+        "gauge",
+        "1 while the store takes new points; 0 when it refuses them (full: see `tideline-controller store`).",
+        vec![(String::new(), u8::from(health.writable).to_string())],
+    );
+    if let Some(free) = health.free_bytes {
+        metric(
+            "tideline_store_free_bytes",
+            "gauge",
+            "Bytes free on the store's file system.",
+            vec![(String::new(), free.to_string())],
+        );
+    }
+    metric(
+        "tideline_store_damaged_records",
+        "gauge",
+        "Damaged chunk records found in the middle of packs when the store was opened.",
+        vec![(String::new(), health.damaged_records.to_string())],
     );
     out
 }

@@ -58,6 +58,7 @@ impl Store {
     ) -> Result<PointBuilder<'_>, StoreError> {
         check_id(agent)?;
         check_id(disk)?;
+        self.check_writable()?;
         if !index_file::valid_geometry(disk_size, block_size) {
             return Err(StoreError::InvalidGeometry {
                 disk_size,
@@ -124,7 +125,7 @@ impl Store {
             )?;
             Ok((zero, log))
         })();
-        let (zero, log) = started?;
+        let (zero, log) = started.inspect_err(|e| self.note_full(e))?;
         Ok(PointBuilder {
             store: self,
             _slot: slot,
@@ -226,7 +227,7 @@ impl PointBuilder<'_> {
     /// durable: the packs first, then the staging log.
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
         self.store.sync()?;
-        self.log.sync()
+        self.log.sync().inspect_err(|e| self.store.note_full(e))
     }
 
     /// Starts round `round` (the next one): its blocks replace the same
@@ -286,6 +287,7 @@ impl PointBuilder<'_> {
         let info = match written {
             Ok(info) => info,
             Err(e) => {
+                self.store.note_full(&e);
                 if let Err(cleanup) = fsutil::remove_if_exists(&tmp_dir) {
                     tracing::warn!("cannot remove {}: {cleanup}", tmp_dir.display());
                 }
@@ -413,8 +415,9 @@ impl PointBuilder<'_> {
                 actual: root,
             });
         }
-        // Every chunk the index references is durable before the index is.
-        store.sync()?;
+        // Every chunk the index references is durable, and listed in its
+        // pack's .idx, before the index is: no later recovery can lose it.
+        store.sync_and_index()?;
         let header = writer.finish(&root)?;
         let info = PointInfo {
             agent: self.agent.clone(),

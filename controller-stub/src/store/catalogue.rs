@@ -57,14 +57,17 @@ impl Catalogue {
         self.stored_bytes
     }
 
-    /// Rebuilds the catalogue from the packs in `dir`: a pack with a valid
-    /// `.idx` is taken from it, any other pack is scanned, cut after its
-    /// last whole record and sealed. Returns the catalogue and the id the
+    /// Rebuilds the catalogue from the packs in `dir`: the chunks a pack's
+    /// `.idx` lists are taken from it, and whatever no valid `.idx` covers
+    /// is scanned (`pack::recover_pack`: damage skipped and reported, a torn
+    /// tail cut, the `.idx` rewritten). Returns the catalogue, the id the
     /// next pack should get (one past the highest seen, so a pack that may
-    /// have been torn is never appended to).
-    pub fn load(dir: &Path) -> Result<(Catalogue, u32), StoreError> {
+    /// have been torn is never appended to), and what the scans found.
+    pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
         let mut cat = Catalogue::default();
         let mut next_id = 0u32;
+        let mut damage = Vec::new();
+        let mut idx_deferred = false;
         for (name, is_dir) in fsutil::list_dir(dir)? {
             if is_dir {
                 continue;
@@ -86,17 +89,48 @@ impl Catalogue {
                 .map_err(super::error::io_err(&path))?
                 .len();
             let entries = match pack::read_idx(dir, id, len)? {
-                Some(Ok(entries)) => entries,
+                Some(Ok((covered, entries))) if covered == len => entries,
+                Some(Ok((covered, entries))) => {
+                    let r = pack::recover_pack(dir, id, covered, entries)?;
+                    damage.extend(r.damage);
+                    idx_deferred |= r.idx_deferred;
+                    r.entries
+                }
                 Some(Err(why)) => {
                     tracing::warn!(pack = %path.display(), "ignoring its idx ({why}), rescanning");
-                    pack::recover_pack(dir, id)?
+                    let r = pack::recover_pack(dir, id, 0, Vec::new())?;
+                    damage.extend(r.damage);
+                    idx_deferred |= r.idx_deferred;
+                    r.entries
                 }
-                None => pack::recover_pack(dir, id)?,
+                None => {
+                    let r = pack::recover_pack(dir, id, 0, Vec::new())?;
+                    damage.extend(r.damage);
+                    idx_deferred |= r.idx_deferred;
+                    r.entries
+                }
             };
             for (d, loc) in entries {
                 cat.insert(d, loc);
             }
         }
-        Ok((cat, next_id))
+        Ok(Loaded {
+            catalogue: cat,
+            next_pack: next_id,
+            damage,
+            idx_deferred,
+        })
     }
+}
+
+/// What [`Catalogue::load`] found.
+pub(crate) struct Loaded {
+    /// The catalogue.
+    pub catalogue: Catalogue,
+    /// Id of the next pack to create.
+    pub next_pack: u32,
+    /// Damaged records found in the middle of packs (skipped).
+    pub damage: Vec<pack::Damage>,
+    /// Whether some `.idx` could not be written for lack of space.
+    pub idx_deferred: bool,
 }

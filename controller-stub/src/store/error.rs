@@ -26,6 +26,21 @@ pub enum StoreError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The file system holding the store is full (ENOSPC, or a quota).
+    #[error("no space left on the store's file system (writing {})", path.display())]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+    },
+    /// The store takes no new points (it is full), but serves the ones it
+    /// holds.
+    #[error("the store at {} takes no new points: {reason}", root.display())]
+    ReadOnly {
+        /// The store's root.
+        root: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// A block's bytes do not hash to the digest it was sent or stored with.
     #[error("digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch {
@@ -152,11 +167,36 @@ pub enum StoreError {
     },
 }
 
-/// Builds the [`StoreError::Io`] mapper for an operation on `path`.
-/// The path is only copied when the operation fails.
+/// Builds the [`StoreError::Io`] mapper for an operation on `path`
+/// ([`StoreError::NoSpace`] when the file system is full). The path is only
+/// copied when the operation fails.
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
+    move |source| {
+        if is_no_space(&source) {
+            StoreError::NoSpace {
+                path: path.to_path_buf(),
+            }
+        } else {
+            StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// Whether an I/O error means the file system (or the user's quota) is full.
+pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+impl StoreError {
+    /// Whether this is the store running out of space.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::NoSpace { .. } => true,
+            StoreError::Io { source, .. } => is_no_space(source),
+            _ => false,
+        }
     }
 }

@@ -98,3 +98,10 @@ pub(crate) fn list_dir(dir: &Path) -> Result<Vec<(String, bool)>, StoreError> {
     out.sort();
     Ok(out)
 }
+
+/// Bytes free on the file system holding `path`, for an unprivileged user
+/// (`statvfs`'s `f_bavail`); `None` when it cannot be asked.
+pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(st.blocks_available().saturating_mul(st.fragment_size()))
+}

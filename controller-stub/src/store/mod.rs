@@ -105,6 +105,37 @@ pub struct StoreStats {
 
 /// Most pack files kept open for reading at once.
 const MAX_OPEN_PACKS: usize = 64;
+/// A read-only store becomes writable again once this much is free.
+const MIN_FREE_BYTES: u64 = 64 << 20;
+
+/// Whether the store takes new points, as the admin interface and the
+/// metrics show it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StoreHealth {
+    /// New points are taken.
+    pub writable: bool,
+    /// Why not.
+    pub reason: Option<String>,
+    /// Bytes free on the store's file system (for the unprivileged user).
+    pub free_bytes: Option<u64>,
+    /// Damaged records found in the middle of packs when it was opened.
+    pub damaged_records: u64,
+}
+
+/// A damaged stretch of a pack, as the admin interface shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DamageReport {
+    /// The pack file.
+    pub pack: String,
+    /// First damaged byte.
+    pub start: u64,
+    /// First byte of the next whole record.
+    pub end: u64,
+    /// What was wrong.
+    pub why: String,
+    /// The chunk the damaged record's header names, if it was readable.
+    pub chunk: Option<String>,
+}
 
 /// The packs and the catalogue, guarded together so that a digest is in the
 /// catalogue only once its record is in a pack.
@@ -124,6 +155,10 @@ pub struct Store {
     root: PathBuf,
     packs_dir: PathBuf,
     state: Mutex<PackState>,
+    /// Why the store takes no new points (it ran out of space), if so.
+    read_only: Mutex<Option<String>>,
+    /// Damage found in the packs when the store was opened.
+    damage: Vec<pack::Damage>,
     /// Pack files open for reading, by id.
     readers: Mutex<HashMap<u32, Arc<File>>>,
     /// Points that have a live `PointBuilder`.
@@ -167,16 +202,21 @@ impl Store {
         for sub in ["packs", "points", "staging"] {
             fsutil::create_dir_durable(&root, &root.join(sub))?;
         }
-        let (catalogue, next_pack) = Catalogue::load(&packs_dir)?;
+        let loaded = Catalogue::load(&packs_dir)?;
+        let read_only = loaded.idx_deferred.then(|| {
+            "no space left on its file system to index its packs; free space on it, then sync again".to_string()
+        });
         let store = Store {
             root,
             packs_dir,
             state: Mutex::new(PackState {
-                catalogue,
+                catalogue: loaded.catalogue,
                 writer: None,
-                next_pack,
+                next_pack: loaded.next_pack,
                 pack_target: pack::PACK_TARGET_BYTES,
             }),
+            read_only: Mutex::new(read_only),
+            damage: loaded.damage,
             readers: Mutex::new(HashMap::new()),
             building: Mutex::new(HashSet::new()),
         };
@@ -186,9 +226,83 @@ impl Store {
             root = %store.root.display(),
             chunks = stats.chunks,
             stored_bytes = stats.stored_bytes,
+            damaged_records = store.damage.len(),
+            read_only = ?lock(&store.read_only),
             "store opened"
         );
         Ok(store)
+    }
+
+    /// Refuses new writes while the store is read-only. A store made
+    /// read-only by a full file system becomes writable again by itself
+    /// once there is room: the `.idx` files it could not write are written
+    /// first (by reopening the catalogue's view of them).
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        let Some(reason) = lock(&self.read_only).clone() else {
+            return Ok(());
+        };
+        if fsutil::free_bytes(&self.root).is_some_and(|b| b >= MIN_FREE_BYTES) {
+            // Rebuild the catalogue from the packs as an open would: the
+            // pack being written when space ran out is scanned and indexed,
+            // and never appended to again. (Lock order: state, then
+            // read_only, as everywhere.)
+            let mut st = lock(&self.state);
+            st.writer = None;
+            match Catalogue::load(&self.packs_dir) {
+                Ok(l) if !l.idx_deferred => {
+                    st.catalogue = l.catalogue;
+                    st.next_pack = st.next_pack.max(l.next_pack);
+                    *lock(&self.read_only) = None;
+                    tracing::info!(root = %self.root.display(), "space is available again: the store takes new points");
+                    return Ok(());
+                }
+                Ok(_) => {
+                    tracing::warn!(root = %self.root.display(), "still no space for the packs' indexes")
+                }
+                Err(e) => tracing::warn!(error = %e, "store still cannot write its pack indexes"),
+            }
+        }
+        Err(StoreError::ReadOnly {
+            root: self.root.clone(),
+            reason,
+        })
+    }
+
+    /// Marks the store read-only because a write failed for lack of space.
+    pub(crate) fn note_full(&self, e: &StoreError) {
+        if e.is_no_space() {
+            let mut ro = lock(&self.read_only);
+            if ro.is_none() {
+                tracing::error!(root = %self.root.display(), error = %e, "the store is full: new points are refused until space is freed; committed points are still served");
+                *ro = Some(format!("{e}; free space on it, then sync again"));
+            }
+        }
+    }
+
+    /// Whether the store takes new points, why not, and the room left.
+    pub fn health(&self) -> StoreHealth {
+        let reason = lock(&self.read_only).clone();
+        StoreHealth {
+            writable: reason.is_none(),
+            reason,
+            free_bytes: fsutil::free_bytes(&self.root),
+            damaged_records: self.damage.len() as u64,
+        }
+    }
+
+    /// Damage found in the packs when the store was opened: stretches that
+    /// hold no record that checks out, in the middle of a pack.
+    pub fn damage(&self) -> Vec<DamageReport> {
+        self.damage
+            .iter()
+            .map(|d| DamageReport {
+                pack: d.pack.display().to_string(),
+                start: d.start,
+                end: d.end,
+                why: d.why.clone(),
+                chunk: d.digest.map(|d| d.to_hex()),
+            })
+            .collect()
     }
 
     /// Root directory of the store.
@@ -226,6 +340,29 @@ impl Store {
         raw_len: u32,
         payload: &[u8],
     ) -> Result<PutOutcome, StoreError> {
+        let r = self.append_verified(digest, encoding, raw_len, payload);
+        if let Err(e) = &r {
+            self.note_full(e);
+        }
+        r
+    }
+
+    fn append_verified(
+        &self,
+        digest: &Digest,
+        encoding: Encoding,
+        raw_len: u32,
+        payload: &[u8],
+    ) -> Result<PutOutcome, StoreError> {
+        if lock(&self.state).catalogue.contains(digest) {
+            return Ok(PutOutcome::Deduplicated);
+        }
+        if let Some(reason) = lock(&self.read_only).clone() {
+            return Err(StoreError::ReadOnly {
+                root: self.root.clone(),
+                reason,
+            });
+        }
         let mut st = lock(&self.state);
         if st.catalogue.contains(digest) {
             return Ok(PutOutcome::Deduplicated);
@@ -268,10 +405,36 @@ impl Store {
     /// Makes every chunk put so far durable (fsync of the current pack).
     pub fn sync(&self) -> Result<(), StoreError> {
         let mut st = lock(&self.state);
-        match &mut st.writer {
+        let r = match &mut st.writer {
             Some(w) => w.sync(),
             None => Ok(()),
+        };
+        if let Err(e) = &r {
+            // After a failed fsync the pack's unsynced pages are in doubt:
+            // it is never appended to again (the next open scans it).
+            st.writer = None;
+            self.note_full(e);
         }
+        r
+    }
+
+    /// Makes every chunk put so far durable and lists the pack being
+    /// written in its `.idx`, so that every chunk a point about to be
+    /// committed references is indexed: a later scan of the pack never
+    /// decides what a committed point holds.
+    pub fn sync_and_index(&self) -> Result<(), StoreError> {
+        let mut st = lock(&self.state);
+        let r = match &mut st.writer {
+            Some(w) => w.index(&self.packs_dir),
+            None => Ok(()),
+        };
+        if let Err(e) = &r {
+            // After a failed fsync the pack's unsynced pages are in doubt:
+            // it is never appended to again (the next open scans it).
+            st.writer = None;
+            self.note_full(e);
+        }
+        r
     }
 
     /// Number of chunks and bytes held in packs.

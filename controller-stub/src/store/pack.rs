@@ -26,14 +26,22 @@
 //!
 //! Only verified chunks are appended (decoded and re-hashed first). A crash
 //! can leave a torn record at the tail of the pack being written; `open`
-//! scans such a pack record by record, truncates it after the last whole
-//! record whose CRC matches, and seals it.
+//! scans what no `.idx` covers record by record and cuts a torn *tail*. A
+//! record that does not check out in the *middle* of a pack is damage, not
+//! a tail: the scan reports it (pack, offsets) and looks for the next whole
+//! record after it, so nothing after a flipped byte is lost; only when no
+//! whole record follows is the rest cut as a torn tail.
 //!
 //! # `packs/<id:08x>.idx`
 //!
-//! Written when a pack is sealed (it will never grow again), so that `open`
-//! does not have to read every pack. Made atomically: `.idx.tmp`, fsync,
-//! rename, fsync of `packs/`; the pack itself is fsynced first. Layout:
+//! Written when a pack is sealed (it will never grow again), and also, for
+//! the pack being written, at every commit (`Store::sync_and_index`): every
+//! chunk a committed point references is then listed in an `.idx`, so no
+//! recovery ever has to find it by scanning. An `.idx` covers the first
+//! `sealed length` bytes of its pack; records after them (appended since
+//! the last commit) are scanned at `open`. Made atomically: `.idx.tmp`,
+//! fsync, rename, fsync of `packs/`; the pack itself is fsynced first.
+//! Layout:
 //!
 //! | offset | size | field |
 //! |---|---|---|
@@ -49,7 +57,6 @@
 //! and its `.idx` rewritten.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -244,6 +251,8 @@ pub(crate) struct PackWriter {
     /// Entries of this pack, for its `.idx` when it is sealed. Bounded by
     /// the pack size, and the catalogue holds the same entries anyway.
     entries: Vec<(Digest, ChunkLoc)>,
+    /// Bytes the pack's `.idx` covers.
+    indexed: u64,
 }
 
 impl PackWriter {
@@ -264,6 +273,7 @@ impl PackWriter {
             len: 0,
             dirty: false,
             entries: Vec::new(),
+            indexed: 0,
         })
     }
 
@@ -323,6 +333,19 @@ impl PackWriter {
         self.sync()?;
         write_idx(dir, self.id, self.len, &self.entries)
     }
+
+    /// Makes every record durable and lists them all in the pack's `.idx`
+    /// (the pack may still grow; a later `.idx` replaces this one). Does
+    /// nothing when the `.idx` already covers the whole pack.
+    pub fn index(&mut self, dir: &Path) -> Result<(), StoreError> {
+        if !self.dirty && self.indexed == self.len {
+            return Ok(());
+        }
+        self.sync()?;
+        write_idx(dir, self.id, self.len, &self.entries)?;
+        self.indexed = self.len;
+        Ok(())
+    }
 }
 
 /// Writes the `.idx` of sealed pack `id` atomically.
@@ -358,6 +381,9 @@ pub(crate) fn write_idx(
 /// The chunks of one pack, in record order.
 pub(crate) type PackEntries = Vec<(Digest, ChunkLoc)>;
 
+/// What an `.idx` lists: the bytes of the pack it covers, and their chunks.
+pub(crate) type Indexed = (u64, PackEntries);
+
 /// Reads the `.idx` of pack `id`, checking it against the pack's actual
 /// length. `Ok(None)` when there is no `.idx`; `Err(reason)` inside when it
 /// does not check out (the caller scans the pack instead).
@@ -365,7 +391,7 @@ pub(crate) fn read_idx(
     dir: &Path,
     id: u32,
     pack_len: u64,
-) -> Result<Option<Result<PackEntries, String>>, StoreError> {
+) -> Result<Option<Result<Indexed, String>>, StoreError> {
     let path = idx_path(dir, id);
     let bytes = match fs::read(&path) {
         Ok(b) => b,
@@ -375,7 +401,7 @@ pub(crate) fn read_idx(
     Ok(Some(parse_idx(&bytes, id, pack_len)))
 }
 
-fn parse_idx(b: &[u8], id: u32, pack_len: u64) -> Result<PackEntries, String> {
+fn parse_idx(b: &[u8], id: u32, pack_len: u64) -> Result<Indexed, String> {
     if b.len() < IDX_HEADER_LEN || &b[0..8] != IDX_MAGIC {
         return Err("bad idx header".into());
     }
@@ -427,13 +453,68 @@ fn parse_idx(b: &[u8], id: u32, pack_len: u64) -> Result<PackEntries, String> {
         }
         out.push((Digest(d), loc));
     }
-    Ok(out)
+    Ok((sealed_len, out))
 }
 
-/// Scans pack `id` record by record, keeps every whole record whose CRC
-/// matches, cuts the file after the last one, fsyncs it and writes its
-/// `.idx`. Used on `open` for packs that were never sealed.
-pub(crate) fn recover_pack(dir: &Path, id: u32) -> Result<PackEntries, StoreError> {
+/// A damaged stretch of a pack: bytes `[start, end)` hold no record that
+/// checks out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Damage {
+    /// The pack.
+    pub pack: PathBuf,
+    /// First damaged byte.
+    pub start: u64,
+    /// First byte of the next whole record.
+    pub end: u64,
+    /// What was wrong with the record at `start`.
+    pub why: String,
+    /// The digest its header names, when the header itself was intact.
+    pub digest: Option<Digest>,
+}
+
+/// What [`recover_pack`] found.
+#[derive(Debug, Default)]
+pub(crate) struct Recovered {
+    /// Every record that checks out, in order.
+    pub entries: PackEntries,
+    /// Damage in the middle of the pack (records after it were kept).
+    pub damage: Vec<Damage>,
+    /// Whether the `.idx` could not be written for lack of space (the
+    /// entries are good; the store is then read-only until it can be).
+    pub idx_deferred: bool,
+}
+
+/// The record at `offset` of `bytes`, if it is whole and checks out.
+fn record_at(bytes: &[u8], offset: usize) -> Result<(RecordHeader, usize), String> {
+    let Some(h) = bytes.get(offset..offset + RECORD_HEADER_LEN) else {
+        return Err("torn header".into());
+    };
+    let mut hb = [0u8; RECORD_HEADER_LEN];
+    hb.copy_from_slice(h);
+    let header = decode_header(&hb)?;
+    let end = offset + RECORD_HEADER_LEN + header.stored_len as usize;
+    let Some(payload) = bytes.get(offset + RECORD_HEADER_LEN..end) else {
+        return Err("torn payload".into());
+    };
+    if record_crc(&hb, payload) != header.crc {
+        return Err(format!("CRC mismatch in chunk {}", header.digest));
+    }
+    Ok((header, end))
+}
+
+/// Scans pack `id` from byte `from` (where its `.idx`, if any, ends; the
+/// entries before it are `known`), keeps every record that checks out, and
+/// cuts only a torn tail. A record that does not check out with whole
+/// records after it is reported as [`Damage`] and skipped. Then fsyncs the
+/// pack and writes its `.idx` over the whole of it, unless the file system
+/// is full (then `idx_deferred`). Used on `open` for packs whose `.idx` is
+/// missing, damaged, or shorter than the pack.
+pub(crate) fn recover_pack(
+    dir: &Path,
+    id: u32,
+    from: u64,
+    known: PackEntries,
+) -> Result<Recovered, StoreError> {
     let path = pack_path(dir, id);
     let file = OpenOptions::new()
         .read(true)
@@ -441,52 +522,95 @@ pub(crate) fn recover_pack(dir: &Path, id: u32) -> Result<PackEntries, StoreErro
         .open(&path)
         .map_err(io_err(&path))?;
     let file_len = file.metadata().map_err(io_err(&path))?.len();
-    let mut reader = BufReader::with_capacity(1 << 20, &file);
-    let mut entries = Vec::new();
-    let mut offset = 0u64;
-    let mut payload = Vec::new();
-    let why_stopped = loop {
-        if offset == file_len {
-            break None;
-        }
-        let mut h = [0u8; RECORD_HEADER_LEN];
-        if let Err(e) = reader.read_exact(&mut h) {
-            break Some(format!("torn header: {e}"));
-        }
-        let header = match decode_header(&h) {
-            Ok(h) => h,
-            Err(why) => break Some(why),
-        };
-        payload.resize(header.stored_len as usize, 0);
-        if let Err(e) = reader.read_exact(&mut payload) {
-            break Some(format!("torn payload: {e}"));
-        }
-        if record_crc(&h, &payload) != header.crc {
-            break Some("CRC mismatch".into());
-        }
-        let loc = ChunkLoc {
-            pack: id,
-            offset,
-            stored_len: header.stored_len,
-            raw_len: header.raw_len,
-            encoding: header.encoding,
-        };
-        entries.push((header.digest, loc));
-        offset += loc.record_len();
+    if from > file_len {
+        return Err(StoreError::Corrupt {
+            path: path.clone(),
+            what: format!("{file_len} bytes, shorter than the {from} its idx covers"),
+        });
+    }
+    // Only the part no idx covers is read: the tail of the pack being
+    // written when the controller stopped (at most one pack's worth),
+    // mapped rather than read, so memory is page cache the kernel can take
+    // back.
+    let map = if file_len > 0 {
+        // SAFETY: the store is open by this process only (its lock), and
+        // nothing writes this pack while it is recovered.
+        Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(&path))?)
+    } else {
+        None
     };
-    drop(reader);
-    if let Some(why) = why_stopped {
+    let bytes: &[u8] = map.as_deref().map_or(&[], |m| &m[from as usize..]);
+    let mut out = Recovered {
+        entries: known,
+        ..Recovered::default()
+    };
+    let mut at = 0usize;
+    let mut good_end = 0usize;
+    while at < bytes.len() {
+        match record_at(bytes, at) {
+            Ok((header, end)) => {
+                out.entries.push((
+                    header.digest,
+                    ChunkLoc {
+                        pack: id,
+                        offset: from + at as u64,
+                        stored_len: header.stored_len,
+                        raw_len: header.raw_len,
+                        encoding: header.encoding,
+                    },
+                ));
+                at = end;
+                good_end = end;
+            }
+            Err(why) => {
+                // Is there a whole record further on? Then this is damage in
+                // the middle of the pack, and what follows is kept.
+                let next = (at + 1..bytes.len().saturating_sub(RECORD_HEADER_LEN - 1))
+                    .find(|&o| bytes[o..o + 4] == *RECORD_MAGIC && record_at(bytes, o).is_ok());
+                let Some(next) = next else { break };
+                let mut hb = [0u8; RECORD_HEADER_LEN];
+                hb.copy_from_slice(&bytes[at..at + RECORD_HEADER_LEN]);
+                let damage = Damage {
+                    pack: path.clone(),
+                    start: from + at as u64,
+                    end: from + next as u64,
+                    why,
+                    digest: decode_header(&hb).ok().map(|h| h.digest),
+                };
+                tracing::error!(
+                    pack = %path.display(),
+                    start = damage.start,
+                    end = damage.end,
+                    chunk = ?damage.digest,
+                    why = %damage.why,
+                    "damaged record in the middle of a pack: skipped, the records after it are kept"
+                );
+                out.damage.push(damage);
+                at = next;
+            }
+        }
+    }
+    drop(map);
+    let keep = from + good_end as u64;
+    if keep != file_len {
         tracing::warn!(
             pack = %path.display(),
-            offset,
-            dropped_bytes = file_len - offset,
-            "truncating pack after its last whole record ({why})"
+            offset = keep,
+            dropped_bytes = file_len - keep,
+            "truncating a torn tail after the pack's last whole record"
         );
-        file.set_len(offset).map_err(io_err(&path))?;
+        file.set_len(keep).map_err(io_err(&path))?;
     }
     file.sync_all().map_err(io_err(&path))?;
-    write_idx(dir, id, offset, &entries)?;
-    Ok(entries)
+    match write_idx(dir, id, keep, &out.entries) {
+        Ok(()) => {}
+        Err(e) if e.is_no_space() => {
+            tracing::warn!(pack = %path.display(), "no space to write its .idx; the store takes no new points until there is");
+            out.idx_deferred = true;
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -515,7 +639,7 @@ mod tests {
         assert_eq!(read_record(&f, &path, &b.0, &b.1).unwrap(), vec![9u8; 5000]);
         let len = f.metadata().unwrap().len();
         let idx = read_idx(dir.path(), 3, len).unwrap().unwrap().unwrap();
-        assert_eq!(idx, vec![a, b]);
+        assert_eq!(idx, (len, vec![a, b]));
         // A pack shorter than its sealed length makes the idx untrusted.
         assert!(read_idx(dir.path(), 3, len - 1).unwrap().unwrap().is_err());
     }
@@ -532,7 +656,7 @@ mod tests {
         let full = fs::metadata(&path).unwrap().len();
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(full - 7).unwrap();
-        let entries = recover_pack(dir.path(), 0).unwrap();
+        let entries = recover_pack(dir.path(), 0, 0, Vec::new()).unwrap().entries;
         assert_eq!(entries, vec![a]);
         assert_eq!(fs::metadata(&path).unwrap().len(), a.1.record_len());
         assert!(b.1.offset == a.1.record_len());
@@ -540,7 +664,7 @@ mod tests {
             .unwrap()
             .unwrap()
             .unwrap();
-        assert_eq!(idx, vec![a]);
+        assert_eq!(idx, (a.1.record_len(), vec![a]));
     }
 
     #[test]
@@ -558,9 +682,58 @@ mod tests {
         f.write_all_at(&[6u8], 60).unwrap();
         let err = read_record(&f, &path, &a.0, &a.1).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
-        // The scanner drops it too.
+        // The scanner drops it too (it is the tail: nothing follows it).
         drop(w);
-        assert!(recover_pack(dir.path(), 1).unwrap().is_empty());
+        assert!(recover_pack(dir.path(), 1, 0, Vec::new())
+            .unwrap()
+            .entries
+            .is_empty());
+    }
+
+    #[test]
+    fn damage_in_the_middle_is_skipped_and_reported_and_later_records_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PackWriter::create(dir.path(), 2).unwrap();
+        let a = put(&mut w, &[1u8; 700]);
+        let b = put(&mut w, &[2u8; 900]);
+        let c = put(&mut w, &[3u8; 500]);
+        let d = put(&mut w, &[4u8; 300]);
+        w.sync().unwrap();
+        drop(w);
+        let path = pack_path(dir.path(), 2);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        // A payload byte of b, and the magic of c.
+        f.write_all_at(&[0xee], b.1.offset + 60).unwrap();
+        f.write_all_at(b"XXXX", c.1.offset).unwrap();
+        let full = fs::metadata(&path).unwrap().len();
+        let r = recover_pack(dir.path(), 2, 0, Vec::new()).unwrap();
+        assert_eq!(r.entries, vec![a, d]);
+        assert_eq!(r.damage.len(), 1, "{:?}", r.damage);
+        assert_eq!(
+            (r.damage[0].start, r.damage[0].end),
+            (b.1.offset, d.1.offset)
+        );
+        assert_eq!(r.damage[0].digest, Some(b.0));
+        // Nothing was cut, and the idx now lists what survived.
+        assert_eq!(fs::metadata(&path).unwrap().len(), full);
+        let idx = read_idx(dir.path(), 2, full).unwrap().unwrap().unwrap();
+        assert_eq!(idx, (full, vec![a, d]));
+    }
+
+    #[test]
+    fn an_index_written_at_commit_covers_a_prefix_and_the_tail_is_scanned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PackWriter::create(dir.path(), 4).unwrap();
+        let a = put(&mut w, &[7u8; 100]);
+        w.index(dir.path()).unwrap();
+        let b = put(&mut w, &[8u8; 100]);
+        w.sync().unwrap();
+        drop(w);
+        let len = fs::metadata(pack_path(dir.path(), 4)).unwrap().len();
+        let (covered, known) = read_idx(dir.path(), 4, len).unwrap().unwrap().unwrap();
+        assert_eq!((covered, known.clone()), (a.1.record_len(), vec![a]));
+        let r = recover_pack(dir.path(), 4, covered, known).unwrap();
+        assert_eq!(r.entries, vec![a, b]);
     }
 
     #[test]
