@@ -248,7 +248,11 @@ impl AgentConn {
             }
             if let Some(e) = self.ctl.registry().agents.get_mut(&self.agent) {
                 e.last_error = Some(why.to_owned());
-                e.running = None;
+                // A connection that ends late must not clear a pass the
+                // agent already started on its next connection.
+                if e.running == Some(run.session) {
+                    e.running = None;
+                }
             }
         }
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
 use serde_json::Value;
+use tideline_tests::fs::wait_for;
 use tideline_tests::proxy::Proxy;
 use tideline_tests::*;
 
@@ -253,6 +254,22 @@ fn a_pass_cut_off_by_sigkill_resumes_without_rewriting_verified_blocks() -> Resu
     w.kill_agent("new-db");
     let s = w.admin(&["passes", &id])?;
     assert!(verified_before < total, "{s}");
+    // Until the controller has seen the killed agent's connection close, it
+    // still lists it as connected, with its targets: a pass requested then
+    // would go to the dead connection (this made the test flaky on a busy
+    // machine). Wait for it to be gone before the agent comes back.
+    wait_for(
+        Duration::from_secs(30),
+        "the killed agent's connection to close",
+        || {
+            w.admin(&["agents"]).is_ok_and(|v| {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|a| a["id"] == "new-db" && a["connected"] == false)
+            })
+        },
+    )?;
 
     // Restart and run the next pass straight to the controller.
     let cfg = w.agent_config("new-db", &[], "new-db", "pki/ca.crt", w.port, &extra)?;
