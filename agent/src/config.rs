@@ -17,12 +17,12 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/tideline/agent.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read configuration {path}: {source}")]
+    #[error("cannot read configuration {path}: {cause}")]
     Read {
         /// File.
         path: PathBuf,
         /// Cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not valid TOML for this schema (the message names the key
     /// and line).
@@ -557,7 +557,7 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            cause: source,
         })?;
         Self::parse(&text, path)
     }

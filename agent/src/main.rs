@@ -118,6 +118,11 @@ fn real_main() -> Result<()> {
 }
 
 fn run(cfg: AgentConfig, config_path: &std::path::Path) -> Result<()> {
+    // Certificate, key and CA that cannot work never will: refuse them now,
+    // before systemd is told we are ready, rather than retry forever. (The
+    // files are read again for every connection, so renewed certificates
+    // are taken from the next one.)
+    tideline_agent::transport::tls::client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let logging = tideline_service::log::init(&cfg.log, Vec::new()).context("log.gelf_address")?;
     let (gelf_handle, filter_handle) = (logging.gelf, logging.filter);
 

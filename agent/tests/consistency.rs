@@ -890,7 +890,7 @@ fn a_missing_hook_could_not_start_and_is_named() {
     );
     match &run.outcome {
         HookOutcome::CouldNotStart(e) => {
-            assert_eq!(e.source.kind(), std::io::ErrorKind::NotFound);
+            assert_eq!(e.cause.kind(), std::io::ErrorKind::NotFound);
             assert!(e.to_string().contains("/nonexistent/tideline-hook"), "{e}");
         }
         other => panic!("{other:?}"),

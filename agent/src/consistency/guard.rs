@@ -186,12 +186,12 @@ pub enum FreezeError {
         max: Duration,
     },
     /// A mount point could not be opened (agent or guard side).
-    #[error("cannot open mount point {}: {source}", .mount_point.display())]
+    #[error("cannot open mount point {}: {cause}", .mount_point.display())]
     Open {
         /// The mount point.
         mount_point: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The path is no longer the mount that was found (unmounted, remounted,
     /// or something mounted over it): find the filesystems again.
@@ -205,20 +205,20 @@ pub enum FreezeError {
         found: Option<u64>,
     },
     /// The guard process could not be started.
-    #[error("cannot start the thaw guard {}: {source}", .exe.display())]
+    #[error("cannot start the thaw guard {}: {cause}", .exe.display())]
     Spawn {
         /// The executable.
         exe: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// Sending to the guard failed.
-    #[error("cannot send to the thaw guard (pid {pid}): {source}")]
+    #[error("cannot send to the thaw guard (pid {pid}): {cause}")]
     GuardIo {
         /// The guard's pid.
         pid: u32,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The guard sent something the protocol does not have.
     #[error("the thaw guard (pid {pid}) sent an unexpected message: {line:?}")]
@@ -257,12 +257,12 @@ pub enum FreezeError {
         status: String,
     },
     /// `syncfs` failed before freezing.
-    #[error("syncfs of {} failed: {source}", .mount_point.display())]
+    #[error("syncfs of {} failed: {cause}", .mount_point.display())]
     Sync {
         /// The mount point.
         mount_point: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// `FIFREEZE` answered `EBUSY`: someone else holds a freeze. It is left
     /// frozen; everything this freeze had frozen is thawed.
@@ -272,22 +272,22 @@ pub enum FreezeError {
         mount_point: PathBuf,
     },
     /// The filesystem type cannot be frozen (`EOPNOTSUPP`).
-    #[error("{} ({fs_type}) does not support freezing: {source}", .mount_point.display())]
+    #[error("{} ({fs_type}) does not support freezing: {cause}", .mount_point.display())]
     NotSupported {
         /// The mount point.
         mount_point: PathBuf,
         /// Its filesystem type.
         fs_type: String,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// `FIFREEZE` failed otherwise.
-    #[error("FIFREEZE of {} failed: {source}", .mount_point.display())]
+    #[error("FIFREEZE of {} failed: {cause}", .mount_point.display())]
     FreezeFailed {
         /// The mount point.
         mount_point: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// Freezing took longer than the bound; everything was thawed. A
     /// `FIFREEZE` cannot be interrupted, so writers were blocked for about
@@ -309,12 +309,12 @@ pub enum FreezeError {
         signal: i32,
     },
     /// `FITHAW` failed: the filesystem may still be frozen.
-    #[error("FITHAW of {} failed, it may still be frozen (thaw it with `fsfreeze -u {}`): {source}", .mount_point.display(), .mount_point.display())]
+    #[error("FITHAW of {} failed, it may still be frozen (thaw it with `fsfreeze -u {}`): {cause}", .mount_point.display(), .mount_point.display())]
     ThawFailed {
         /// The mount point.
         mount_point: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -471,7 +471,7 @@ impl Frozen {
                     if let Some((index, errno)) = failed {
                         return Err(FreezeError::ThawFailed {
                             mount_point: self.mount_point(index),
-                            source: io::Error::from_raw_os_error(errno),
+                            cause: io::Error::from_raw_os_error(errno),
                         });
                     }
                     return Ok(ThawReport {
@@ -491,7 +491,7 @@ impl Frozen {
                             Err(e) if e.raw_os_error() != Some(libc::EINVAL) => {
                                 return Err(FreezeError::ThawFailed {
                                     mount_point: self.mount_point(index),
-                                    source: e,
+                                    cause: e,
                                 })
                             }
                             _ => {}
@@ -976,7 +976,7 @@ pub fn freeze(req: &FreezeRequest, guard_exe: &Path) -> Result<Frozen, FreezeErr
             Err(OpenFailure::Io(source)) => {
                 return Err(FreezeError::Open {
                     mount_point: f.mount_point.clone(),
-                    source,
+                    cause: source,
                 })
             }
             Err(OpenFailure::Changed { found }) => {
@@ -990,7 +990,7 @@ pub fn freeze(req: &FreezeRequest, guard_exe: &Path) -> Result<Frozen, FreezeErr
     }
     let spawn_err = |source| FreezeError::Spawn {
         exe: guard_exe.to_owned(),
-        source,
+        cause: source,
     };
     let (ours, theirs) = UnixStream::pair().map_err(spawn_err)?;
     let child = {
@@ -1014,20 +1014,20 @@ pub fn freeze(req: &FreezeRequest, guard_exe: &Path) -> Result<Frozen, FreezeErr
     };
     let reader = ours
         .try_clone()
-        .map_err(|source| FreezeError::GuardIo { pid, source })?;
+        .map_err(|source| FreezeError::GuardIo { pid, cause: source })?;
     let (tx, rx) = mpsc::channel();
     let watcher_fds = fds;
     std::thread::Builder::new()
         .name("freeze-watch".into())
         .spawn(move || watch(reader, child, watcher_fds, tx))
-        .map_err(|source| FreezeError::GuardIo { pid, source })?;
+        .map_err(|source| FreezeError::GuardIo { pid, cause: source })?;
     let abort = |e: FreezeError| {
         // The guard thaws whatever it froze when it sees the end.
         let _ = ours.shutdown(std::net::Shutdown::Both);
         e
     };
     send_all(ours.as_fd(), &wire.encode())
-        .map_err(|source| abort(FreezeError::GuardIo { pid, source }))?;
+        .map_err(|source| abort(FreezeError::GuardIo { pid, cause: source }))?;
 
     let mount_point = |i: Option<usize>| {
         i.and_then(|i| filesystems.get(i))
@@ -1071,7 +1071,7 @@ pub fn freeze(req: &FreezeRequest, guard_exe: &Path) -> Result<Frozen, FreezeErr
                     tracing::error!(mount_point = %mp.display(), ?kind, errno, "freeze failed");
                     return Err(FreezeError::ThawFailed {
                         mount_point: mount_point(Some(i)),
-                        source: io::Error::from_raw_os_error(e),
+                        cause: io::Error::from_raw_os_error(e),
                     });
                 }
                 let source = io::Error::from_raw_os_error(errno);
@@ -1079,7 +1079,7 @@ pub fn freeze(req: &FreezeRequest, guard_exe: &Path) -> Result<Frozen, FreezeErr
                     ErrorKind::Request => FreezeError::GuardRefusedRequest { pid },
                     ErrorKind::Open => FreezeError::Open {
                         mount_point: mp,
-                        source,
+                        cause: source,
                     },
                     ErrorKind::MountChanged => FreezeError::MountChanged {
                         expected: index
@@ -1090,7 +1090,7 @@ pub fn freeze(req: &FreezeRequest, guard_exe: &Path) -> Result<Frozen, FreezeErr
                     },
                     ErrorKind::Sync => FreezeError::Sync {
                         mount_point: mp,
-                        source,
+                        cause: source,
                     },
                     ErrorKind::Busy => FreezeError::AlreadyFrozen { mount_point: mp },
                     ErrorKind::Freeze if errno == libc::EOPNOTSUPP => FreezeError::NotSupported {
@@ -1098,11 +1098,11 @@ pub fn freeze(req: &FreezeRequest, guard_exe: &Path) -> Result<Frozen, FreezeErr
                             .and_then(|i| filesystems.get(i))
                             .map_or_else(String::new, |f| f.fs_type.clone()),
                         mount_point: mp,
-                        source,
+                        cause: source,
                     },
                     ErrorKind::Freeze => FreezeError::FreezeFailed {
                         mount_point: mp,
-                        source,
+                        cause: source,
                     },
                     ErrorKind::Deadline => FreezeError::TooSlow {
                         mount_point: mp,
@@ -1154,7 +1154,7 @@ pub fn freeze(req: &FreezeRequest, guard_exe: &Path) -> Result<Frozen, FreezeErr
                         if e.raw_os_error() != Some(libc::EINVAL) {
                             return Err(FreezeError::ThawFailed {
                                 mount_point: mount_point(Some(i)),
-                                source: e,
+                                cause: e,
                             });
                         }
                     }

@@ -226,12 +226,12 @@ impl fmt::Display for ExitKind {
 
 /// A hook that could not be started.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot start hook {}: {source}", .path.display())]
+#[error("cannot start hook {}: {cause}", .path.display())]
 pub struct HookStartError {
     /// The executable.
     pub path: PathBuf,
     /// Why (`NotFound`, `PermissionDenied`, ...).
-    pub source: io::Error,
+    pub cause: io::Error,
 }
 
 /// How a hook ended.
@@ -386,7 +386,7 @@ pub fn run(hook: &Hook, ctx: &HookContext) -> HookRun {
         Err(source) => {
             return finish(HookOutcome::CouldNotStart(HookStartError {
                 path: hook.path.clone(),
-                source,
+                cause: source,
             }))
         }
     };

@@ -145,12 +145,12 @@ impl MountedFs {
 #[derive(Debug, thiserror::Error)]
 pub enum MountsError {
     /// A kernel table (mountinfo, sysfs) could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A mountinfo line is not in the kernel's format.
     #[error("{path} line {line}: {what}")]
@@ -163,12 +163,12 @@ pub enum MountsError {
         what: &'static str,
     },
     /// A protected device cannot be examined.
-    #[error("protected device {device}: {source}")]
+    #[error("protected device {device}: {cause}")]
     Device {
         /// The device path.
         device: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A protected device path is not a block device.
     #[error("protected device {device} is not a block device")]
@@ -195,12 +195,12 @@ pub enum MountsError {
         max: usize,
     },
     /// An image file cannot be examined.
-    #[error("image file {file}: {source}")]
+    #[error("image file {file}: {cause}")]
     File {
         /// The file.
         file: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// No mount listed in mountinfo holds the file (or mount point).
     #[error("no mount in {MOUNTINFO} holds {file} (mount id {mount_id:?}, device {dev})")]
@@ -318,7 +318,7 @@ pub fn read_mountinfo() -> Result<Vec<MountInfoEntry>, MountsError> {
     let path = Path::new(MOUNTINFO);
     let read = |source| MountsError::Read {
         path: path.to_owned(),
-        source,
+        cause: source,
     };
     let mut text = Vec::new();
     std::fs::File::open(path)
@@ -356,7 +356,7 @@ impl SysBlock {
         let dir = self.class_block();
         let entries = std::fs::read_dir(&dir).map_err(|source| MountsError::Read {
             path: dir.clone(),
-            source,
+            cause: source,
         })?;
         for e in entries.flatten() {
             if self.dev_of(&e.file_name()) == Some(dev) {
@@ -503,7 +503,7 @@ pub fn filesystems_on<P: AsRef<Path>>(devices: &[P]) -> Result<Vec<MountedFs>, M
         let device = device.as_ref();
         let md = std::fs::metadata(device).map_err(|source| MountsError::Device {
             device: device.to_owned(),
-            source,
+            cause: source,
         })?;
         if !md.file_type().is_block_device() {
             return Err(MountsError::NotABlockDevice {
@@ -578,7 +578,7 @@ fn entry_for<'a>(
 pub fn filesystem_holding(file: &Path) -> Result<MountedFs, MountsError> {
     let of = mount_of_path(file).map_err(|source| MountsError::File {
         file: file.to_owned(),
-        source,
+        cause: source,
     })?;
     let entries = read_mountinfo()?;
     entry_for(&entries, of, file)
@@ -596,7 +596,7 @@ pub fn mounted_at(mount_point: &Path) -> Result<MountedFs, MountsError> {
     let fs = filesystem_holding(mount_point)?;
     let canon = std::fs::canonicalize(mount_point).map_err(|source| MountsError::File {
         file: mount_point.to_owned(),
-        source,
+        cause: source,
     })?;
     if canon != fs.mount_point {
         return Err(MountsError::NotAMountPoint {

@@ -46,22 +46,22 @@ const RANDOM_DIGITS: usize = 16;
 pub enum SnapshotError {
     /// The filesystem holding the image has no reflinks (or refuses this
     /// file).
-    #[error("{} is on {fs_type}, which cannot reflink it: {source}", .file.display())]
+    #[error("{} is on {fs_type}, which cannot reflink it: {cause}", .file.display())]
     NotSupported {
         /// The image.
         file: PathBuf,
         /// The filesystem type holding it (`unknown` if it could not be told).
         fs_type: String,
         /// What `FICLONE` said.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The image cannot be opened or examined.
-    #[error("image {}: {source}", .file.display())]
+    #[error("image {}: {cause}", .file.display())]
     Image {
         /// The image.
         file: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The image is not a regular file.
     #[error("image {} is not a regular file", .file.display())]
@@ -70,38 +70,38 @@ pub enum SnapshotError {
         file: PathBuf,
     },
     /// The clone file cannot be created.
-    #[error("cannot create snapshot file {}: {source}", .clone.display())]
+    #[error("cannot create snapshot file {}: {cause}", .clone.display())]
     Create {
         /// The clone's path.
         clone: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// `FICLONE` failed for another reason (`ENOSPC`, `EIO`, ...).
-    #[error("cannot reflink {} to {}: {source}", .file.display(), .clone.display())]
+    #[error("cannot reflink {} to {}: {cause}", .file.display(), .clone.display())]
     Clone {
         /// The image.
         file: PathBuf,
         /// The clone's path.
         clone: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The image's directory cannot be listed.
-    #[error("cannot list {} for stale snapshots: {source}", .dir.display())]
+    #[error("cannot list {} for stale snapshots: {cause}", .dir.display())]
     List {
         /// The directory.
         dir: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A stale clone cannot be removed.
-    #[error("cannot remove stale snapshot {}: {source}", .clone.display())]
+    #[error("cannot remove stale snapshot {}: {cause}", .clone.display())]
     Remove {
         /// The clone's path.
         clone: PathBuf,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -134,7 +134,7 @@ fn means_not_supported(e: &io::Error) -> bool {
 fn split(image: &Path) -> Result<(PathBuf, OsString), SnapshotError> {
     let real = std::fs::canonicalize(image).map_err(|source| SnapshotError::Image {
         file: image.to_owned(),
-        source,
+        cause: source,
     })?;
     match (real.parent(), real.file_name()) {
         (Some(dir), Some(name)) => Ok((dir.to_owned(), name.to_owned())),
@@ -180,11 +180,11 @@ impl ReflinkSnapshot {
             .open(&real)
             .map_err(|source| SnapshotError::Image {
                 file: image.to_owned(),
-                source,
+                cause: source,
             })?;
         let md = src.metadata().map_err(|source| SnapshotError::Image {
             file: image.to_owned(),
-            source,
+            cause: source,
         })?;
         if !md.is_file() {
             return Err(SnapshotError::NotARegularFile {
@@ -203,7 +203,7 @@ impl ReflinkSnapshot {
             .open(&path)
             .map_err(|source| SnapshotError::Create {
                 clone: path.clone(),
-                source,
+                cause: source,
             })?;
         let cleanup = |e| {
             let _ = std::fs::remove_file(&path);
@@ -216,7 +216,7 @@ impl ReflinkSnapshot {
             .map_err(|source| {
                 cleanup(SnapshotError::Create {
                     clone: path.clone(),
-                    source,
+                    cause: source,
                 })
             })?;
         // SAFETY: FICLONE takes the source fd as its argument; both fds are
@@ -229,13 +229,13 @@ impl ReflinkSnapshot {
                     file: image.to_owned(),
                     fs_type: mounts::filesystem_holding(&real)
                         .map_or_else(|_| "unknown".to_owned(), |m| m.fs_type),
-                    source,
+                    cause: source,
                 }
             } else {
                 SnapshotError::Clone {
                     file: image.to_owned(),
                     clone: path.clone(),
-                    source,
+                    cause: source,
                 }
             };
             return Err(cleanup(err));
@@ -277,13 +277,13 @@ pub fn remove_stale_clones(image: &Path) -> Result<Vec<PathBuf>, SnapshotError> 
     let (dir, name) = split(image)?;
     let entries = std::fs::read_dir(&dir).map_err(|source| SnapshotError::List {
         dir: dir.clone(),
-        source,
+        cause: source,
     })?;
     let mut removed = Vec::new();
     for e in entries {
         let e = e.map_err(|source| SnapshotError::List {
             dir: dir.clone(),
-            source,
+            cause: source,
         })?;
         if !is_clone_name(&name, &e.file_name()) {
             continue;
@@ -305,7 +305,7 @@ pub fn remove_stale_clones(image: &Path) -> Result<Vec<PathBuf>, SnapshotError> 
         }
         std::fs::remove_file(&path).map_err(|source| SnapshotError::Remove {
             clone: path.clone(),
-            source,
+            cause: source,
         })?;
         removed.push(path);
     }

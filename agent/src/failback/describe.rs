@@ -110,7 +110,7 @@ pub fn scan(
                         Err(SourceError::Read {
                             disk: disk.describe().to_owned(),
                             offset: 0,
-                            source: std::io::Error::other("scan thread panicked"),
+                            cause: std::io::Error::other("scan thread panicked"),
                         })
                     })
                 })

@@ -48,12 +48,12 @@ const UNKNOWN: [u8; 32] = [0; 32];
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
     /// I/O on the map file.
-    #[error("target map {}: {source}", path.display())]
+    #[error("target map {}: {cause}", path.display())]
     Io {
         /// The map file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -147,7 +147,7 @@ impl TargetMap {
     pub fn create(path: &Path, location: &str, geometry: Geometry) -> Result<TargetMap, MapError> {
         let io = |source| MapError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         };
         let dir = path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io)?;
@@ -221,7 +221,7 @@ impl TargetMap {
             .flush_range(start, stop - start)
             .map_err(|source| MapError::Io {
                 path: self.path.clone(),
-                source,
+                cause: source,
             })
     }
 
@@ -229,7 +229,7 @@ impl TargetMap {
     pub fn sync(&self) -> Result<(), MapError> {
         self.map.flush().map_err(|source| MapError::Io {
             path: self.path.clone(),
-            source,
+            cause: source,
         })
     }
 

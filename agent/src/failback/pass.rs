@@ -151,7 +151,9 @@ impl FailbackPass {
                 warn!(target = %t.target, location = %location, why = %why, "target in use; writing anyway (forced)");
             }
             let disk = open_target(&conf.path, t.force).map_err(|e| match &e {
-                SourceError::Open { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
+                SourceError::Open { cause: source, .. }
+                    if source.raw_os_error() == Some(libc::EBUSY) =>
+                {
                     Refusal::InUse {
                         target: t.target.clone(),
                         location: location.clone(),
@@ -448,7 +450,7 @@ impl Worker {
                         .map_err(|_| SourceError::Read {
                             disk: location.clone(),
                             offset: 0,
-                            source: std::io::Error::other("connection went away"),
+                            cause: std::io::Error::other("connection went away"),
                         })?;
                 }
                 Ok(())

@@ -92,7 +92,7 @@ fn write_err(disk: &str, offset: u64, source: std::io::Error) -> SourceError {
     SourceError::Write {
         disk: disk.to_owned(),
         offset,
-        source,
+        cause: source,
     }
 }
 

@@ -81,12 +81,12 @@ pub trait DiskSource: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// The disk could not be opened or inspected.
-    #[error("cannot open disk {}: {source}", path.display())]
+    #[error("cannot open disk {}: {cause}", path.display())]
     Open {
         /// The disk's path.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The path is neither a regular file nor a block device.
     #[error("{} is a {kind}, not a disk image or block device", path.display())]
@@ -97,22 +97,22 @@ pub enum SourceError {
         kind: &'static str,
     },
     /// The size of a block device could not be read.
-    #[error("cannot get the size of block device {}: {source}", path.display())]
+    #[error("cannot get the size of block device {}: {cause}", path.display())]
     Size {
         /// The device.
         path: PathBuf,
         /// The ioctl's error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A read failed.
-    #[error("read error on disk {disk} at offset {offset}: {source}")]
+    #[error("read error on disk {disk} at offset {offset}: {cause}")]
     Read {
         /// The disk.
         disk: String,
         /// Byte offset of the read.
         offset: u64,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A read reached past the end of the disk, or the disk shrank under it.
     #[error(
@@ -129,14 +129,14 @@ pub enum SourceError {
         size: u64,
     },
     /// A write failed (failback targets).
-    #[error("write error on disk {disk} at offset {offset}: {source}")]
+    #[error("write error on disk {disk} at offset {offset}: {cause}")]
     Write {
         /// The disk.
         disk: String,
         /// Byte offset of the write.
         offset: u64,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A VMDK file or its descriptor is unusable (the message names the file
     /// and the defect).
@@ -146,13 +146,13 @@ pub enum SourceError {
     #[error(transparent)]
     Nbd(#[from] nbd::NbdError),
     /// Finding data extents (SEEK_DATA / SEEK_HOLE) failed.
-    #[error("cannot find data extents of disk {disk} at offset {offset}: {source}")]
+    #[error("cannot find data extents of disk {disk} at offset {offset}: {cause}")]
     Extents {
         /// The disk.
         disk: String,
         /// Byte offset of the query.
         offset: u64,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }

@@ -80,7 +80,7 @@ impl RawDisk {
     pub fn open(path: &Path) -> Result<RawDisk, SourceError> {
         let file = File::open(path).map_err(|source| SourceError::Open {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         RawDisk::from_file(path, file)
     }
@@ -110,7 +110,7 @@ impl RawDisk {
             Err(source) => {
                 return Err(SourceError::Open {
                     path: path.to_path_buf(),
-                    source,
+                    cause: source,
                 })
             }
         };
@@ -153,7 +153,7 @@ impl RawDisk {
         }
         let file = opts.open(path).map_err(|source| SourceError::Open {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         RawDisk::from_file(path, file)
     }
@@ -161,7 +161,7 @@ impl RawDisk {
     fn from_file(path: &Path, file: File) -> Result<RawDisk, SourceError> {
         let open_err = |source| SourceError::Open {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         };
         let meta = file.metadata().map_err(open_err)?;
         let ft = meta.file_type();
@@ -174,7 +174,7 @@ impl RawDisk {
             unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }.map_err(|e| {
                 SourceError::Size {
                     path: path.to_path_buf(),
-                    source: e.into(),
+                    cause: e.into(),
                 }
             })?;
             (size, true)
@@ -303,7 +303,7 @@ impl DiskSource for RawDisk {
             Err(source) => Err(SourceError::Read {
                 disk: self.name.clone(),
                 offset,
-                source,
+                cause: source,
             }),
         }
     }
@@ -319,7 +319,7 @@ impl DiskSource for RawDisk {
         let err = |e: Errno| SourceError::Extents {
             disk: self.name.clone(),
             offset,
-            source: e.into(),
+            cause: e.into(),
         };
         // The size bound above keeps `offset` within the file, and file sizes
         // fit in off_t.

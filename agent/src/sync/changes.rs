@@ -52,12 +52,12 @@ pub const RECORD_FILE: &str = "change-source.json";
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeSourceError {
     /// The CBT file could not be read.
-    #[error("cannot read CBT list {}: {source}", path.display())]
+    #[error("cannot read CBT list {}: {cause}", path.display())]
     Read {
         /// File.
         path: PathBuf,
         /// Cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The CBT file is not valid.
     #[error("invalid CBT list {}: {why}", path.display())]
@@ -105,7 +105,7 @@ impl CbtList {
         let len = std::fs::metadata(path)
             .map_err(|source| ChangeSourceError::Read {
                 path: path.to_owned(),
-                source,
+                cause: source,
             })?
             .len();
         if len > MAX_CBT_FILE {
@@ -115,7 +115,7 @@ impl CbtList {
         }
         let text = std::fs::read_to_string(path).map_err(|source| ChangeSourceError::Read {
             path: path.to_owned(),
-            source,
+            cause: source,
         })?;
         let file: CbtFile = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         if file.change_id.trim().is_empty() {

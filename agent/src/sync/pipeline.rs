@@ -26,7 +26,31 @@ use tideline_protocol::{Digest, Encoding, Geometry};
 use tokio::sync::mpsc;
 
 use super::expected::ExpectedIndex;
-use crate::source::DiskSource;
+use crate::source::{DiskSource, SourceError};
+
+/// Why a scan stopped before the end of the disk. It crosses the stages'
+/// threads as it is, so that the session can tell an unreadable disk from
+/// a fault of the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The disk could not be read, or its data extents not found.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A worker could not start its compressor.
+    #[error("cannot start zstd: {cause}")]
+    Compressor {
+        /// zstd's error.
+        cause: std::io::Error,
+    },
+    /// The stages ended without an error before the last block.
+    #[error("scan stopped at block {next_block} of {block_count}")]
+    Stopped {
+        /// The first block not scanned.
+        next_block: u64,
+        /// Blocks of the disk.
+        block_count: u64,
+    },
+}
 
 /// A block whose digest differs from the expected index.
 #[derive(Debug)]
@@ -93,8 +117,8 @@ pub enum ScanItem {
     },
     /// The scan reached the end of the disk.
     Finished(ScanStats),
-    /// The disk could not be read.
-    Failed(String),
+    /// The scan stopped before the end of the disk.
+    Failed(ScanError),
 }
 
 /// Parameters of one scan.
@@ -158,7 +182,7 @@ impl Scan {
         let blocks_per_batch = (u64::from(job.batch_bytes) / u64::from(geometry.block_size)).max(1);
         let workers = job.workers.max(1);
         let (job_tx, job_rx) = sync_channel::<Job>(workers * 2);
-        let (result_tx, result_rx) = sync_channel::<Result<BatchResult, String>>(workers * 2);
+        let (result_tx, result_rx) = sync_channel::<Result<BatchResult, ScanError>>(workers * 2);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let mut threads = Vec::new();
 
@@ -271,7 +295,7 @@ fn plan_stage(
     only: Option<&[(u64, u64)]>,
     job_tx: &SyncSender<Job>,
     cancel: &AtomicBool,
-) -> Result<(), String> {
+) -> Result<(), ScanError> {
     let bs = u64::from(g.block_size);
     let mut block = from;
     let mut seq = 0;
@@ -302,7 +326,7 @@ fn plan_stage(
         for (rs, re) in ranges {
             let mut pos = rs;
             while pos < re {
-                match source.next_data(pos).map_err(|e| e.to_string())? {
+                match source.next_data(pos)? {
                     None => break,
                     Some((ds, de)) => {
                         if ds >= re {
@@ -341,14 +365,12 @@ fn read_job(
     g: Geometry,
     job: &Job,
     buf: &mut [u8],
-) -> Result<Vec<bool>, String> {
+) -> Result<Vec<bool>, SourceError> {
     let start = g.offset(job.first_block);
     let bs = u64::from(g.block_size);
     let mut holes = vec![true; job.blocks as usize];
     for &(s, e) in &job.extents {
-        source
-            .read_exact_at(&mut buf[(s - start) as usize..(e - start) as usize], s)
-            .map_err(|e| e.to_string())?;
+        source.read_exact_at(&mut buf[(s - start) as usize..(e - start) as usize], s)?;
         for h in &mut holes[((s - start) / bs) as usize..=((e - 1 - start) / bs) as usize] {
             *h = false;
         }
@@ -401,7 +423,7 @@ pub fn is_all_zero(data: &[u8]) -> bool {
 fn work_stage(
     source: &dyn DiskSource,
     job_rx: &Mutex<Receiver<Job>>,
-    result_tx: &SyncSender<Result<BatchResult, String>>,
+    result_tx: &SyncSender<Result<BatchResult, ScanError>>,
     expected: &ExpectedIndex,
     level: i32,
     batch_len: usize,
@@ -412,7 +434,7 @@ fn work_stage(
     let mut compressor = match zstd::bulk::Compressor::new(level) {
         Ok(c) => c,
         Err(e) => {
-            let _ = result_tx.send(Err(format!("cannot start zstd: {e}")));
+            let _ = result_tx.send(Err(ScanError::Compressor { cause: e }));
             return;
         }
     };
@@ -429,7 +451,7 @@ fn work_stage(
         let holes = match read_job(source, g, &batch, &mut buf) {
             Ok(h) => h,
             Err(e) => {
-                let _ = result_tx.send(Err(e));
+                let _ = result_tx.send(Err(e.into()));
                 return;
             }
         };
@@ -502,7 +524,7 @@ fn work_stage(
 }
 
 fn order_stage(
-    result_rx: Receiver<Result<BatchResult, String>>,
+    result_rx: Receiver<Result<BatchResult, ScanError>>,
     out: mpsc::Sender<ScanItem>,
     from: u64,
     block_count: u64,
@@ -552,9 +574,10 @@ fn order_stage(
         total.seconds = started.elapsed().as_secs_f64();
         let _ = out.blocking_send(ScanItem::Finished(total));
     } else {
-        let _ = out.blocking_send(ScanItem::Failed(format!(
-            "scan stopped at block {next_block} of {block_count}"
-        )));
+        let _ = out.blocking_send(ScanItem::Failed(ScanError::Stopped {
+            next_block,
+            block_count,
+        }));
     }
 }
 
@@ -711,6 +734,62 @@ mod tests {
         assert_eq!(stats.blocks, 302);
         let tail = changed.last().map(|c| c.raw_len);
         assert_eq!(tail, Some(17));
+    }
+
+    /// A disk every read of which fails, as a disk with bad sectors does.
+    struct Unreadable;
+
+    impl DiskSource for Unreadable {
+        fn describe(&self) -> &str {
+            "/dev/bad"
+        }
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_exact_at(&self, _buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
+            Err(SourceError::Read {
+                disk: self.describe().to_owned(),
+                offset,
+                cause: std::io::Error::from_raw_os_error(libc::EIO),
+            })
+        }
+        fn next_data(&self, offset: u64) -> Result<Option<(u64, u64)>, SourceError> {
+            Ok(Some((offset, self.size())))
+        }
+    }
+
+    #[test]
+    fn a_read_error_reaches_the_session_typed() {
+        let g = Geometry::new(Unreadable.size(), 4096);
+        let job = ScanJob {
+            source: Arc::new(Unreadable),
+            expected: ExpectedIndex::zero(g),
+            from_block: 0,
+            compression_level: 1,
+            workers: 2,
+            batch_bytes: 64 * 1024,
+            drop_page_cache: false,
+            only: None,
+            priority: Default::default(),
+        };
+        let (_scan, mut rx) = Scan::start(job, 8);
+        let err = loop {
+            match rx.blocking_recv() {
+                Some(ScanItem::Failed(e)) => break e,
+                Some(ScanItem::Finished(_)) => panic!("a disk that cannot be read was scanned"),
+                Some(_) => {}
+                None => panic!("scan ended without Failed"),
+            }
+        };
+        assert!(
+            matches!(err, ScanError::Source(SourceError::Read { ref disk, .. }) if disk == "/dev/bad"),
+            "{err:?}"
+        );
+        // The cause is said once, and is not also the error's source (which
+        // a `{:#}` chain would print again).
+        let text = err.to_string();
+        assert_eq!(text.matches("os error 5").count(), 1, "{text}");
+        assert!(std::error::Error::source(&err).is_none(), "{err:?}");
     }
 
     #[test]

@@ -37,7 +37,7 @@ use super::changes::merge;
 use super::frozen_copy::FrozenCopy;
 use super::instant::{self, CloneSlot, FrozenSlot, GroupHooks, InstantOutcome, InstantPlan};
 use super::method::DiskMethod;
-use super::pipeline::{Scan, ScanItem, ScanStats};
+use super::pipeline::{Scan, ScanError, ScanItem, ScanStats};
 use super::session::{AgentSession, SessionError};
 use crate::config::AgentConfig;
 use crate::consistency::hooks::{Hook, HookDisk};
@@ -91,6 +91,15 @@ pub fn error_code(e: &SessionError) -> ErrorCode {
         SessionError::Tracking(_)
         | SessionError::Tracker(_)
         | SessionError::Inconsistent { .. } => ErrorCode::Internal,
+    }
+}
+
+/// The error code a failed scan maps to: a disk that cannot be read is the
+/// disk's fault, the rest the agent's.
+pub fn scan_error_code(e: &ScanError) -> ErrorCode {
+    match e {
+        ScanError::Source(_) => ErrorCode::DiskUnreadable,
+        ScanError::Compressor { .. } | ScanError::Stopped { .. } => ErrorCode::Internal,
     }
 }
 
@@ -960,12 +969,12 @@ impl SyncRun {
                 log_scan(&disk, &stats);
                 self.on_scan_finished(slot, purpose, &stats, link, ended)?;
             }
-            Some(ScanItem::Failed(msg)) => {
+            Some(ScanItem::Failed(e)) => {
                 self.scan = None;
                 self.progress = None;
                 return Err(RunError {
-                    code: ErrorCode::DiskUnreadable,
-                    message: format!("disk {disk}: scan failed: {msg}"),
+                    code: scan_error_code(&e),
+                    message: format!("disk {disk}: scan failed: {e}"),
                     disk: Some(disk),
                 });
             }

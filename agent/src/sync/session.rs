@@ -716,7 +716,7 @@ fn plan_rounds(
         SessionError::Tracking(TrackingError::Io {
             op: "write",
             path: state.dir.join(SESSION_RECORD_FILE),
-            source: e,
+            cause: e,
         })
     })?;
     Ok((!since_base, false))

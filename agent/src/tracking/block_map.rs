@@ -251,7 +251,7 @@ impl BlockMap {
         BlockMap::open(path)?.ok_or_else(|| TrackingError::Io {
             op: "reopen block map",
             path: path.to_path_buf(),
-            source: ErrorKind::NotFound.into(),
+            cause: ErrorKind::NotFound.into(),
         })
     }
 

@@ -74,14 +74,14 @@ impl DiskState {
 #[derive(Debug, thiserror::Error)]
 pub enum TrackingError {
     /// A file operation failed.
-    #[error("cannot {op} {}: {source}", path.display())]
+    #[error("cannot {op} {}: {cause}", path.display())]
     Io {
         /// What was being done.
         op: &'static str,
         /// The file or directory.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file does not start with the expected magic.
     #[error("{} is not a {kind} (bad magic)", path.display())]
@@ -196,7 +196,7 @@ pub(crate) fn io_err<'a>(
     move |source| TrackingError::Io {
         op,
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 
@@ -275,7 +275,7 @@ impl StateLock {
             return Err(TrackingError::Io {
                 op: "lock (is another agent running on this state directory?)",
                 path,
-                source: std::io::Error::last_os_error(),
+                cause: std::io::Error::last_os_error(),
             });
         }
         Ok(StateLock { _file: file })

@@ -20,12 +20,12 @@ use rustls::{ClientConfig, RootCertStore};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A certificate or key file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {cause}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A file holds no PEM certificate, or an unreadable one.
     #[error("no usable certificate in {}: {reason}", path.display())]
@@ -51,16 +51,23 @@ pub enum TlsError {
         /// webpki's reason.
         reason: String,
     },
-    /// rustls refused the configuration (certificate and key do not match,
-    /// unsupported key type, ...).
-    #[error("TLS configuration with {} and {}: {source}", cert.display(), key.display())]
+    /// The private key is not the one of the certificate.
+    #[error("private key {} does not belong to certificate {}", key.display(), cert.display())]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// rustls refused the configuration (unsupported key type, ...).
+    #[error("TLS configuration with {} and {}: {cause}", cert.display(), key.display())]
     Config {
         /// The certificate file.
         cert: PathBuf,
         /// The key file.
         key: PathBuf,
         /// rustls' error.
-        source: rustls::Error,
+        cause: rustls::Error,
     },
 }
 
@@ -72,10 +79,24 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientCon
     let roots = load_roots(ca)?;
     let chain = load_certs(cert)?;
     let private_key = load_key(key)?;
-    let config_err = |source| TlsError::Config {
-        cert: cert.to_path_buf(),
-        key: key.to_path_buf(),
-        source,
+    let config_err = |cause| match cause {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            TlsError::KeyMismatch {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+            }
+        }
+        // The end-entity certificate is parsed only here, to match it with
+        // the key: a PEM block that is no certificate shows up now.
+        rustls::Error::InvalidCertificate(why) => TlsError::NoCertificate {
+            path: cert.to_path_buf(),
+            reason: format!("the certificate does not parse: {why}"),
+        },
+        cause => TlsError::Config {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            cause,
+        },
     };
     let config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -87,9 +108,9 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientCon
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Read {
+    fs::read(path).map_err(|cause| TlsError::Read {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 

@@ -413,11 +413,11 @@ impl Conn {
     pub fn open(uri: &str, target: &Target, bitmap: Option<&str>) -> Result<Conn, NbdError> {
         let stream = Stream::connect(&target.endpoint).map_err(|source| NbdError::Connect {
             uri: uri.to_owned(),
-            source,
+            cause: source,
         })?;
         let writer = stream.try_clone().map_err(|source| NbdError::Connect {
             uri: uri.to_owned(),
-            source,
+            cause: source,
         })?;
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
         let mut w = writer;
@@ -428,11 +428,11 @@ impl Conn {
                 return Err(match e {
                     HandshakeError::Io(source) => NbdError::Io {
                         uri: uri.to_owned(),
-                        source,
+                        cause: source,
                     },
                     HandshakeError::Wire(source) => NbdError::Protocol {
                         uri: uri.to_owned(),
-                        source,
+                        cause: source,
                     },
                     HandshakeError::Refused {
                         option,

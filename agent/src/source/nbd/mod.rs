@@ -73,20 +73,20 @@ pub enum NbdError {
         reason: String,
     },
     /// The server cannot be reached.
-    #[error("cannot connect to NBD server {uri}: {source}")]
+    #[error("cannot connect to NBD server {uri}: {cause}")]
     Connect {
         /// The URI.
         uri: String,
         /// The socket error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The connection failed while in use.
-    #[error("I/O error talking to NBD server {uri}: {source}")]
+    #[error("I/O error talking to NBD server {uri}: {cause}")]
     Io {
         /// The URI.
         uri: String,
         /// The socket error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The server did not answer in time; the connection was closed.
     #[error("NBD server {uri} did not answer within {secs} s")]
@@ -98,12 +98,12 @@ pub enum NbdError {
     },
     /// The server sent something that breaks the protocol; the connection
     /// was closed.
-    #[error("NBD server {uri} sent a bad reply: {source}")]
+    #[error("NBD server {uri} sent a bad reply: {cause}")]
     Protocol {
         /// The URI.
         uri: String,
         /// The defect.
-        source: WireError,
+        cause: WireError,
     },
     /// The server answered an option with `NBD_REP_ERR_*`.
     #[error("NBD server {uri} refused {option} for export {export:?}: {reply}{}", if message.is_empty() { String::new() } else { format!(" ({message})") })]
@@ -470,8 +470,8 @@ impl NbdDisk {
                     secs: conn::IO_TIMEOUT.as_secs(),
                 }
             }
-            ReplyError::Io(source) => NbdError::Io { uri, source },
-            ReplyError::Wire(source) => NbdError::Protocol { uri, source },
+            ReplyError::Io(source) => NbdError::Io { uri, cause: source },
+            ReplyError::Wire(source) => NbdError::Protocol { uri, cause: source },
             ReplyError::Server {
                 errno,
                 message,

@@ -74,7 +74,7 @@ impl FlatExtent {
         let err = |e: Errno| VmdkError::Read {
             path: self.path.clone(),
             offset: at,
-            source: e.into(),
+            cause: e.into(),
         };
         // Offsets are inside the file, whose size fits in off_t.
         let start = match lseek(fd, at as libc::off_t, Whence::SeekData) {

@@ -65,24 +65,24 @@ pub const MAX_DESCRIPTOR_FILE: u64 = 4 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum VmdkError {
     /// A file could not be opened or inspected.
-    #[error("{}: cannot {op}: {source}", path.display())]
+    #[error("{}: cannot {op}: {cause}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// What was being done.
         op: &'static str,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A read of a file failed or came up short (it shrank since open).
-    #[error("{}: read error at byte {offset}: {source}", path.display())]
+    #[error("{}: read error at byte {offset}: {cause}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
         /// Byte offset in the file.
         offset: u64,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file has neither a sparse header nor a descriptor's size.
     #[error("{}: not a VMDK file: {reason}", path.display())]
@@ -113,14 +113,14 @@ pub enum VmdkError {
         why: &'static str,
     },
     /// An extent file named by a descriptor cannot be opened.
-    #[error("{}: extent file {} cannot be opened: {source}", descriptor.display(), extent.display())]
+    #[error("{}: extent file {} cannot be opened: {cause}", descriptor.display(), extent.display())]
     MissingExtent {
         /// The descriptor.
         descriptor: PathBuf,
         /// The extent file.
         extent: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A sparse or flat extent's structure is unusable: header fields out
     /// of bounds, tables outside the file or overlapping, a short file.
@@ -160,7 +160,7 @@ impl Backing {
                 .map_err(|source| VmdkError::Io {
                     path: path.to_owned(),
                     op: "get the size",
-                    source,
+                    cause: source,
                 }),
             Backing::Memory(b) => Ok(b.len() as u64),
         }
@@ -179,7 +179,7 @@ impl Backing {
         result.map_err(|source| VmdkError::Read {
             path: path.to_owned(),
             offset,
-            source,
+            cause: source,
         })
     }
 }
@@ -214,7 +214,7 @@ impl VmdkDisk {
             move |source| VmdkError::Io {
                 path: path.to_owned(),
                 op,
-                source,
+                cause: source,
             }
         };
         let file = File::open(path).map_err(io("open"))?;
@@ -484,7 +484,7 @@ fn open_extent(
         return Err(VmdkError::MissingExtent {
             descriptor: descriptor.to_owned(),
             extent: name.to_owned(),
-            source: std::io::Error::new(
+            cause: std::io::Error::new(
                 ErrorKind::NotFound,
                 "an in-memory descriptor has no extent files",
             ),
@@ -494,7 +494,7 @@ fn open_extent(
     let missing = |source| VmdkError::MissingExtent {
         descriptor: descriptor.to_owned(),
         extent: extent.clone(),
-        source,
+        cause: source,
     };
     let file = File::open(&extent).map_err(missing)?;
     let meta = file.metadata().map_err(missing)?;

@@ -139,7 +139,7 @@ impl DiskMap {
             WordMap::map(handle.as_fd(), entries as usize).map_err(|source| TrackerError::Io {
                 op: "map into memory",
                 path: device.path.clone(),
-                source,
+                cause: source,
             })?;
         let h = words.header();
         h.version.store(layout::FORMAT_VERSION, Ordering::Relaxed);

@@ -32,14 +32,14 @@ pub enum TrackerError {
         device: PathBuf,
     },
     /// A file about the device or the pins could not be read or changed.
-    #[error("cannot {op} {}: {source}", path.display())]
+    #[error("cannot {op} {}: {cause}", path.display())]
     Io {
         /// What was being done.
         op: &'static str,
         /// The file, directory or device.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A sysfs file of the device holds something unexpected.
     #[error("{}: unexpected content in {}: {reason}", device.display(), file.display())]
@@ -81,14 +81,14 @@ pub enum TrackerError {
         slots: usize,
     },
     /// A bpf() operation failed.
-    #[error("cannot {op} {object}: {source}")]
+    #[error("cannot {op} {object}: {cause}")]
     Bpf {
         /// What was being done.
         op: &'static str,
         /// The map, program, link or pin path.
         object: String,
         /// The error libbpf reported.
-        source: libbpf_rs::Error,
+        cause: libbpf_rs::Error,
     },
     /// The handle's map is no longer the one the kernel program writes to
     /// (the disk was untracked, the pins were removed, or another
@@ -193,7 +193,11 @@ pub(crate) fn io_err(
     path: impl Into<PathBuf>,
 ) -> impl FnOnce(std::io::Error) -> TrackerError {
     let path = path.into();
-    move |source| TrackerError::Io { op, path, source }
+    move |source| TrackerError::Io {
+        op,
+        path,
+        cause: source,
+    }
 }
 
 pub(crate) fn bpf_err(
@@ -201,5 +205,9 @@ pub(crate) fn bpf_err(
     object: impl std::fmt::Display,
 ) -> impl FnOnce(libbpf_rs::Error) -> TrackerError {
     let object = object.to_string();
-    move |source| TrackerError::Bpf { op, object, source }
+    move |source| TrackerError::Bpf {
+        op,
+        object,
+        cause: source,
+    }
 }
