@@ -101,6 +101,10 @@ pub struct TlsSection {
     pub cert: PathBuf,
     /// The controller's key (PEM).
     pub key: PathBuf,
+    /// The revocation list (see [`crate::revocation`]); default
+    /// `<store.dir>/revoked.toml`, see [`ControllerConfig::revocation_file`].
+    #[serde(default)]
+    pub revoked: Option<PathBuf>,
 }
 
 /// `[store]`
@@ -199,7 +203,10 @@ impl ControllerConfig {
             &mut cfg.tls.key,
             &mut cfg.store.dir,
             &mut cfg.admin.socket,
-        ] {
+        ]
+        .into_iter()
+        .chain(cfg.tls.revoked.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -233,6 +240,16 @@ impl ControllerConfig {
             }
         }
         Ok(cfg)
+    }
+
+    /// The revocation list: `[tls] revoked`, else `revoked.toml` in the
+    /// store directory (writable by the controller, which rewrites the
+    /// file for `revoke` and `unrevoke`).
+    pub fn revocation_file(&self) -> PathBuf {
+        self.tls
+            .revoked
+            .clone()
+            .unwrap_or_else(|| self.store.dir.join(crate::revocation::DEFAULT_FILE_NAME))
     }
 
     /// Scheduled interval for `agent`, if any.
@@ -271,6 +288,18 @@ interval_secs = 60
         assert_eq!(c.store.dir, PathBuf::from("/etc/t/store"));
         assert_eq!(c.interval_for("web-1"), Some(60));
         assert_eq!(c.interval_for("other"), Some(3600));
+        assert_eq!(
+            c.revocation_file(),
+            PathBuf::from("/etc/t/store/revoked.toml")
+        );
+    }
+
+    #[test]
+    fn revocation_file_is_taken_from_the_files_directory() {
+        let text =
+            "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\nrevoked=\"deny.toml\"\n[store]\ndir=\"s\"\n";
+        let c = ControllerConfig::parse(text, Path::new("/etc/t/controller.toml")).unwrap();
+        assert_eq!(c.revocation_file(), PathBuf::from("/etc/t/deny.toml"));
     }
 
     #[test]

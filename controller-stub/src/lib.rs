@@ -8,6 +8,7 @@ pub mod link;
 pub mod pki;
 pub mod plan;
 pub mod registry;
+pub mod revocation;
 pub mod scheduler;
 pub mod service;
 pub mod session;

@@ -6,6 +6,8 @@
 //! writer thread, and turns the writer's acks and commits into frames.
 //! Sessions outlive connections: when the link drops mid-session, the
 //! session waits in the registry for the agent to come back and resume.
+//! A revoked agent is refused at registration, and a connection whose
+//! certificate is revoked while it runs is told why and closed.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -26,10 +28,11 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::registry::{unix_now, ActiveSession, AgentCommand, Connection, Controller, SOFTWARE};
+use crate::revocation::Refusal;
 use crate::session::{
     DiskProgress, SessionState, SessionStatus, SessionWriter, WriteCmd, WriteReply,
 };
-use crate::tls::agent_id_from_peer;
+use crate::tls::PeerCertificate;
 
 #[path = "link_failback.rs"]
 mod failback;
@@ -78,9 +81,10 @@ async fn handle_connection(
     let stream = tokio::time::timeout(Duration::from_secs(15), acceptor.accept(tcp))
         .await
         .map_err(|_| anyhow!("TLS handshake timed out"))?
-        .context("TLS handshake refused (no client certificate, or not from our CA?)")?;
-    let agent_id = agent_id_from_peer(stream.get_ref().1.peer_certificates())
+        .context("TLS handshake refused (no client certificate, not from our CA, or revoked?)")?;
+    let certificate = PeerCertificate::from_peer(stream.get_ref().1.peer_certificates())
         .context("client certificate does not name an agent")?;
+    let agent_id = certificate.agent.clone();
     let (mut rd, mut wr) = tokio::io::split(stream);
 
     let mut frames = FrameBuffer::new();
@@ -104,22 +108,28 @@ async fn handle_connection(
             bail!("agent {agent_id}: {e}");
         }
     };
-    info!(agent = %agent_id, peer = %peer, software = link.agent_software(), "agent connected");
-
     let (cmd_tx, cmd_rx) = mpsc::channel(8);
     let conn_id = ctl.next_id();
-    {
-        let mut reg = ctl.registry();
-        let entry = reg.agents.entry(agent_id.clone()).or_default();
-        entry.inventory_received = false;
-        entry.connection = Some(Connection {
-            conn_id,
-            peer: peer.to_string(),
-            software: link.agent_software().to_owned(),
-            since_unix: unix_now(),
-            commands: cmd_tx,
-        });
+    let revoked = Arc::new(watch::channel(None).0);
+    let revoked_rx = revoked.subscribe();
+    let registered = ctl.register_connection(Connection {
+        conn_id,
+        peer: peer.to_string(),
+        software: link.agent_software().to_owned(),
+        since_unix: unix_now(),
+        commands: cmd_tx,
+        certificate,
+        revoked: revoked.clone(),
+    });
+    if let Err(refusal) = registered {
+        // Revoked between the TLS check and now: the agent gets the reason
+        // in words, which the TLS alert could not carry.
+        link.send_error(ErrorCode::Revoked, true, refusal.to_string());
+        let _ = wr.write_all(&link.take_output()).await;
+        let _ = wr.shutdown().await;
+        bail!("refused agent {agent_id}: {refusal}");
     }
+    info!(agent = %agent_id, peer = %peer, software = link.agent_software(), "agent connected");
 
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(16);
     let writer = tokio::spawn(async move {
@@ -139,7 +149,12 @@ async fn handle_connection(
         session: None,
         failback: None,
     };
-    let result = conn.run(&mut rd, frames, buf, cmd_rx, shutdown).await;
+    let result = conn
+        .run(&mut rd, frames, buf, cmd_rx, shutdown, revoked_rx)
+        .await;
+    // The sender lives as long as this task: a replaced registry entry
+    // does not end the receiver early.
+    drop(revoked);
     if conn.failback.is_some() {
         conn.fail_failback(
             "the connection to the agent was lost; the next pass resumes where this one stopped",
@@ -278,6 +293,7 @@ impl AgentConn {
         mut buf: Vec<u8>,
         mut commands: mpsc::Receiver<AgentCommand>,
         mut shutdown: watch::Receiver<bool>,
+        mut revoked: watch::Receiver<Option<Refusal>>,
     ) -> Result<()> {
         let hb_every = Duration::from_secs(self.ctl.cfg.listen.heartbeat_secs);
         let mut heartbeat = tokio::time::interval(hb_every);
@@ -331,6 +347,12 @@ impl AgentConn {
                         }
                     }
                 }
+                Ok(()) = revoked.changed() => {
+                    let refusal = revoked.borrow_and_update().clone();
+                    if let Some(refusal) = refusal {
+                        return Err(self.close_revoked(&refusal));
+                    }
+                }
                 reply = recv_reply(&mut self.session) => self.on_reply(reply)?,
                 out = recv_send_out(&mut self.failback) => self.on_send_out(out)?,
                 cmd = commands.recv() => match cmd {
@@ -358,6 +380,22 @@ impl AgentConn {
                 }
             }
         }
+    }
+
+    /// Ends what runs on a connection whose certificate was revoked, and
+    /// queues a fatal `Error{Revoked}` naming the agent and the reason (the
+    /// caller flushes it before closing). A sync session fails rather
+    /// than waiting for a resume: its uncommitted points are discarded.
+    fn close_revoked(&mut self, refusal: &Refusal) -> anyhow::Error {
+        let why = format!("agent {} was revoked: {refusal}", self.agent);
+        self.fail_session(&why);
+        self.fail_failback(&why, ErrorCode::Revoked);
+        self.link
+            .send_error(ErrorCode::Revoked, true, refusal.to_string());
+        anyhow!(
+            "closed the connection of revoked agent {}: {refusal}",
+            self.agent
+        )
     }
 
     fn count_wire(&self, n: u64) {

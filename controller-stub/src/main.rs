@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tideline_controller::admin::{http, routes};
 use tideline_controller::config::{ControllerConfig, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH};
 use tideline_controller::registry::Controller;
+use tideline_controller::revocation::Revocations;
 use tideline_controller::service::ServiceReport;
 use tideline_controller::store::Store;
 use tideline_controller::{link, pki, scheduler, tls};
@@ -133,6 +134,36 @@ enum Command {
         #[arg(long, default_value = "raw", value_parser = ["raw", "vmdk"])]
         format: String,
     },
+    /// Revoke an agent: its live connection is closed and new ones are
+    /// refused until `unrevoke`. With --serial or --sha256, only that
+    /// certificate of the agent.
+    Revoke {
+        /// Agent id (the CN of its certificate).
+        agent: String,
+        /// Why (shown in every refusal, in the log and to the agent).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Only the certificate with this serial number (hex).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Only the certificate with this SHA-256 fingerprint (hex).
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// Lift the revocation of an agent (or, with --serial or --sha256, of
+    /// one of its certificates).
+    Unrevoke {
+        /// Agent id.
+        agent: String,
+        /// The certificate entry with this serial number (hex).
+        #[arg(long)]
+        serial: Option<String>,
+        /// The certificate entry with this SHA-256 fingerprint (hex).
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// List the revoked agents and certificates in force.
+    Revoked,
     /// Re-read and re-hash everything a point references.
     Verify {
         /// Agent id.
@@ -207,7 +238,8 @@ fn real_main() -> Result<()> {
         Command::Serve => serve(ControllerConfig::load(&cli.config)?),
         Command::CheckConfig => {
             let c = ControllerConfig::load(&cli.config)?;
-            tls::server_config(&c.tls.ca, &c.tls.cert, &c.tls.key)?;
+            let revocations = Arc::new(Revocations::load(&c.revocation_file())?);
+            tls::server_config(&c.tls.ca, &c.tls.cert, &c.tls.key, revocations)?;
             println!("{}: ok", cli.config.display());
             Ok(())
         }
@@ -327,6 +359,28 @@ fn real_main() -> Result<()> {
             )?;
             print(r)
         }
+        Command::Revoke {
+            agent,
+            reason,
+            serial,
+            sha256,
+        } => print(admin(
+            &socket(),
+            "POST",
+            "/v1/revocations",
+            Some(&json!({ "agent": agent, "reason": reason, "serial": serial, "sha256": sha256 })),
+        )?),
+        Command::Unrevoke {
+            agent,
+            serial,
+            sha256,
+        } => print(admin(
+            &socket(),
+            "POST",
+            "/v1/revocations/remove",
+            Some(&json!({ "agent": agent, "serial": serial, "sha256": sha256 })),
+        )?),
+        Command::Revoked => print(admin(&socket(), "GET", "/v1/revocations", None)?),
         Command::Verify { agent, disk, point } => {
             let r = admin(
                 &socket(),
@@ -553,7 +607,15 @@ fn serve(cfg: ControllerConfig) -> Result<()> {
     let notifier = Arc::new(Notifier::from_env()?);
     let watchdog = watchdog_interval();
     let mut report = ServiceReport::new(notifier, watchdog.is_some());
-    let tls = tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+    // A list that does not load stops the controller: starting without it
+    // would let revoked agents back in.
+    let revocations = Arc::new(Revocations::load(&cfg.revocation_file())?);
+    let tls = tls::server_config(
+        &cfg.tls.ca,
+        &cfg.tls.cert,
+        &cfg.tls.key,
+        revocations.clone(),
+    )?;
     let store = Store::open(&cfg.store.dir)
         .with_context(|| format!("opening store {}", cfg.store.dir.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -562,6 +624,9 @@ fn serve(cfg: ControllerConfig) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
+        // Before anything can observe the controller as started: SIGHUP's
+        // default action would end it.
+        let mut hup = signal(SignalKind::hangup())?;
         let listen = cfg.listen.address.clone();
         let socket = cfg.admin.socket.clone();
         let admin_socket = socket.clone();
@@ -572,7 +637,7 @@ fn serve(cfg: ControllerConfig) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, "accepting agents");
-        let ctl = Controller::new(cfg, store);
+        let ctl = Controller::new(cfg, store, revocations);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(link::serve_agents(ctl.clone(), listener, tls, stop_rx.clone()));
         tokio::spawn(scheduler::run(ctl.clone(), stop_rx.clone()));
@@ -603,6 +668,7 @@ fn serve(cfg: ControllerConfig) -> Result<()> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = hup.recv() => reload_revocations(&ctl),
                 _ = ticks.tick() => {
                     // The main loop itself pings: if it is stuck, so are
                     // the pings, and systemd restarts the controller.
@@ -633,6 +699,27 @@ fn serve(cfg: ControllerConfig) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// SIGHUP: reads the revocation list again and closes the connections it
+/// now refuses. A list that does not load is reported and the one in force
+/// stays.
+fn reload_revocations(ctl: &Controller) {
+    let file = ctl.revocations.path().display().to_string();
+    match ctl.revocations.reload() {
+        Ok(list) => {
+            tracing::info!(
+                file,
+                agents = list.agents.len(),
+                certificates = list.certificates.len(),
+                "revocation list reloaded"
+            );
+            ctl.enforce_revocations();
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "revocation list not reloaded; the previous list stays in force")
+        }
+    }
 }
 
 /// Waits (at most 5 s) until the admin socket accepts connections: the

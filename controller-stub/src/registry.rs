@@ -4,6 +4,13 @@
 //! what is live: which agents are connected, their inventories, the session
 //! each one is running (or that waits for it to come back), and the status
 //! of every session for the admin interface.
+//!
+//! A connection enters the registry only through
+//! [`Controller::register_connection`], which checks the revocation list
+//! under the registry lock; [`Controller::enforce_revocations`] takes the
+//! same lock after a new list is in force, so a connection is either
+//! refused at registration or closed by the enforcement, never missed by
+//! both.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,11 +19,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tideline_protocol::message::{DiskInfo, StartSync, TargetInfo};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::ControllerConfig;
+use crate::revocation::{Refusal, Revocations, RevokedAgent};
 use crate::session::{SessionWriter, SharedStatus, WriteReply};
 use crate::store::Store;
+use crate::tls::PeerCertificate;
 
 /// Software name sent in `Welcome`.
 pub const SOFTWARE: &str = concat!("tideline-controller/", env!("CARGO_PKG_VERSION"));
@@ -54,6 +63,12 @@ pub struct Connection {
     pub since_unix: u64,
     /// Commands to the connection task.
     pub commands: mpsc::Sender<AgentCommand>,
+    /// The certificate the agent presented.
+    pub certificate: PeerCertificate,
+    /// Set to the refusal when the certificate is revoked while connected:
+    /// the connection task then tells the agent and closes. Shared with
+    /// that task, so it outlives this entry.
+    pub revoked: Arc<watch::Sender<Option<Refusal>>>,
 }
 
 /// A session that is running on, or waiting for, an agent.
@@ -114,13 +129,19 @@ pub struct Controller {
     pub cfg: ControllerConfig,
     /// Recovery point store.
     pub store: Arc<Store>,
+    /// The revocation list in force (also read by the TLS verifier).
+    pub revocations: Arc<Revocations>,
     registry: Mutex<Registry>,
     next_id: AtomicU64,
 }
 
 impl Controller {
-    /// A controller over an opened store.
-    pub fn new(cfg: ControllerConfig, store: Store) -> Arc<Controller> {
+    /// A controller over an opened store and a loaded revocation list.
+    pub fn new(
+        cfg: ControllerConfig,
+        store: Store,
+        revocations: Arc<Revocations>,
+    ) -> Arc<Controller> {
         // Session and connection ids start at the current time in
         // milliseconds, so that they do not repeat across restarts.
         let start = SystemTime::now()
@@ -130,6 +151,7 @@ impl Controller {
         Arc::new(Controller {
             cfg,
             store: Arc::new(store),
+            revocations,
             registry: Mutex::new(Registry::default()),
             next_id: AtomicU64::new(start),
         })
@@ -145,6 +167,39 @@ impl Controller {
     /// A fresh id for a session or connection.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Makes `conn` the live connection of its agent, unless the list in
+    /// force revokes its certificate. Checked under the registry lock,
+    /// which [`Controller::enforce_revocations`] also takes: a list put in
+    /// force after this check finds the connection registered.
+    pub fn register_connection(&self, conn: Connection) -> Result<(), Box<Refusal>> {
+        let mut reg = self.registry();
+        if let Some(refusal) = self.revocations.check(&conn.certificate) {
+            return Err(Box::new(refusal));
+        }
+        let entry = reg
+            .agents
+            .entry(conn.certificate.agent.clone())
+            .or_default();
+        entry.inventory_received = false;
+        entry.connection = Some(conn);
+        Ok(())
+    }
+
+    /// Closes every live connection whose certificate the list in force
+    /// revokes (call after the list changed); returns their refusals.
+    pub fn enforce_revocations(&self) -> Vec<Refusal> {
+        let reg = self.registry();
+        let mut closed = Vec::new();
+        for conn in reg.agents.values().filter_map(|e| e.connection.as_ref()) {
+            if let Some(refusal) = self.revocations.check(&conn.certificate) {
+                tracing::warn!(agent = %conn.certificate.agent, peer = %conn.peer, refusal = %refusal, "closing the connection of a revoked agent");
+                conn.revoked.send_replace(Some(refusal.clone()));
+                closed.push(refusal);
+            }
+        }
+        closed
     }
 
     /// Asks a connected agent to sync; returns the session id.
@@ -222,6 +277,7 @@ impl Controller {
         }
         ids.sort();
         let now = unix_now();
+        let revocations = self.revocations.current();
         ids.into_iter()
             .map(|id| {
                 let entry = reg.agents.get(&id);
@@ -252,6 +308,7 @@ impl Controller {
                     })
                     .collect();
                 AgentSummary {
+                    revoked: revocations.agent_entry(&id).cloned(),
                     connected: entry.is_some_and(|e| e.connection.is_some()),
                     peer: entry.and_then(|e| e.connection.as_ref().map(|c| c.peer.clone())),
                     software: entry.and_then(|e| e.connection.as_ref().map(|c| c.software.clone())),
@@ -284,6 +341,8 @@ pub struct AgentSummary {
     pub id: String,
     /// Connected now.
     pub connected: bool,
+    /// The revocation list's entry for the agent id, when it is revoked.
+    pub revoked: Option<RevokedAgent>,
     /// Peer address.
     pub peer: Option<String>,
     /// Agent software.
@@ -333,4 +392,82 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::revocation::RevocationTarget;
+
+    fn controller(dir: &std::path::Path) -> Arc<Controller> {
+        let cfg = ControllerConfig::parse(
+            "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[store]\ndir=\"store\"\n",
+            &dir.join("controller.toml"),
+        )
+        .unwrap();
+        let store = Store::open(&cfg.store.dir).unwrap();
+        let revocations = Arc::new(Revocations::load(&cfg.revocation_file()).unwrap());
+        Controller::new(cfg, store, revocations)
+    }
+
+    fn connection(agent: &str) -> (Connection, watch::Receiver<Option<Refusal>>) {
+        let revoked = Arc::new(watch::channel(None).0);
+        let rx = revoked.subscribe();
+        let conn = Connection {
+            conn_id: 1,
+            peer: "127.0.0.1:1".into(),
+            software: "test".into(),
+            since_unix: 0,
+            commands: mpsc::channel(1).0,
+            certificate: PeerCertificate {
+                agent: agent.into(),
+                serial: "1".into(),
+                sha256: "a".repeat(64),
+            },
+            revoked,
+        };
+        (conn, rx)
+    }
+
+    #[test]
+    fn revoking_closes_the_live_connection_and_refuses_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = controller(dir.path());
+        let (web1, web1_rx) = connection("web-1");
+        let (web2, web2_rx) = connection("web-2");
+        ctl.register_connection(web1).unwrap();
+        ctl.register_connection(web2).unwrap();
+        assert!(ctl.enforce_revocations().is_empty());
+
+        let target = RevocationTarget::new("web-1", None, None).unwrap();
+        ctl.revocations
+            .edit(|l| l.revoke(&target, "stolen", "t"))
+            .unwrap();
+        let closed = ctl.enforce_revocations();
+        assert_eq!(closed.len(), 1);
+        assert!(
+            closed[0].to_string().contains("agent web-1"),
+            "{}",
+            closed[0]
+        );
+        let told = web1_rx.borrow().clone().expect("web-1 is told to close");
+        assert!(told.to_string().contains("reason: stolen"), "{told}");
+        assert!(web2_rx.borrow().is_none(), "web-2 is not revoked");
+
+        let (again, _) = connection("web-1");
+        let refusal = ctl.register_connection(again).unwrap_err();
+        assert!(refusal.to_string().contains("agent web-1"), "{refusal}");
+        let summary = ctl.agents_summary();
+        let web1 = summary.iter().find(|a| a.id == "web-1").unwrap();
+        assert_eq!(
+            web1.revoked.as_ref().map(|r| r.reason.as_str()),
+            Some("stolen")
+        );
+
+        ctl.revocations.edit(|l| Ok(l.unrevoke(&target))).unwrap();
+        let (back, back_rx) = connection("web-1");
+        ctl.register_connection(back).unwrap();
+        assert!(ctl.enforce_revocations().is_empty());
+        assert!(back_rx.borrow().is_none());
+    }
 }

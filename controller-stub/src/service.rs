@@ -156,7 +156,10 @@ mod tests {
         )
         .unwrap();
         let store = crate::store::Store::open(&cfg.store.dir).unwrap();
-        let ctl = Controller::new(cfg, store);
+        let revocations = Arc::new(crate::revocation::Revocations::empty(
+            &cfg.revocation_file(),
+        ));
+        let ctl = Controller::new(cfg, store, revocations);
         let path = dir.path().join("notify");
         let listener = UnixDatagram::bind(&path).unwrap();
         listener.set_nonblocking(true).unwrap();

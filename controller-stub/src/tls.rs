@@ -8,6 +8,11 @@
 //! certificate into the agent id used for sessions, logs and store paths; an
 //! agent cannot claim to be another one.
 //!
+//! The client verifier also consults the revocation list
+//! ([`crate::revocation`]): a certificate of a revoked agent passes the CA
+//! check and is then refused with the TLS alert `certificate_revoked`,
+//! before any protocol byte is exchanged.
+//!
 //! The ring provider is named explicitly so that the process-wide default
 //! provider (which may be unset, or another one) never decides what is used.
 
@@ -15,10 +20,18 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use serde::Serialize;
 use tideline_protocol::limits::valid_id;
+
+use crate::revocation::Revocations;
 
 /// Why the TLS configuration could not be built or a peer not identified.
 #[derive(Debug, thiserror::Error)]
@@ -82,16 +95,27 @@ pub enum TlsError {
 
 /// Builds the server configuration: TLS 1.3 only, the ring provider, the
 /// certificate chain of `cert` with the key of `key`, and client
-/// certificates required and verified against the CA(s) in `ca` only.
-pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// certificates required, verified against the CA(s) in `ca` only, and
+/// refused when `revocations` (read at every handshake) revokes them.
+pub fn server_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    revocations: Arc<Revocations>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = load_roots(ca)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::BadCa {
-            path: ca.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    let ca_verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| TlsError::BadCa {
+                path: ca.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+    let verifier = Arc::new(RevocationCheckingVerifier {
+        ca: ca_verifier,
+        revocations,
+    });
     let chain = load_certs(cert)?;
     let private_key = load_key(key)?;
     let config_err = |source| TlsError::Config {
@@ -108,30 +132,123 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerCon
     Ok(Arc::new(config))
 }
 
+/// The CA check of rustls' WebPKI verifier, then the revocation list.
+#[derive(Debug)]
+struct RevocationCheckingVerifier {
+    ca: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl ClientCertVerifier for RevocationCheckingVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.ca.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.ca.verify_client_cert(end_entity, intermediates, now)?;
+        // A certificate that names no agent is refused after the handshake,
+        // with its own message; only a named agent can be revoked.
+        if let Ok(cert) = PeerCertificate::from_der(end_entity) {
+            if let Some(refusal) = self.revocations.check(&cert) {
+                // The alert carries no text: the log names the agent.
+                tracing::warn!(agent = %cert.agent, refusal = %refusal, "TLS handshake refused: revoked certificate");
+                return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+            }
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.ca.supported_verify_schemes()
+    }
+}
+
+/// An agent's certificate as the revocation list sees it: whom it names
+/// and which certificate it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerCertificate {
+    /// The agent id (subject common name).
+    pub agent: String,
+    /// Serial number, lower-case hex without leading zeros.
+    pub serial: String,
+    /// SHA-256 of the DER certificate, 64 lower-case hex digits (what
+    /// `openssl x509 -noout -fingerprint -sha256` prints, without colons).
+    pub sha256: String,
+}
+
+impl PeerCertificate {
+    /// Reads a DER certificate: its agent id (a single valid CN), serial
+    /// and fingerprint.
+    pub fn from_der(der: &CertificateDer<'_>) -> Result<PeerCertificate, TlsError> {
+        let (_, x509) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
+        let mut names = x509.subject().iter_common_name();
+        let cn = names
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or(TlsError::NoCommonName)?;
+        // Two common names would make the identity ambiguous.
+        if names.next().is_some() || !valid_id(cn) {
+            return Err(TlsError::InvalidAgentId(cn.to_string()));
+        }
+        let serial = x509
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        let serial = match serial.trim_start_matches('0') {
+            "" => "0".to_owned(),
+            s => s.to_owned(),
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        let sha256 = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(PeerCertificate {
+            agent: cn.to_owned(),
+            serial,
+            sha256,
+        })
+    }
+
+    /// The leaf of a verified peer's chain. Pass
+    /// `ServerConnection::peer_certificates()`.
+    pub fn from_peer(certs: Option<&[CertificateDer<'_>]>) -> Result<PeerCertificate, TlsError> {
+        let leaf = certs
+            .and_then(|c| c.first())
+            .ok_or(TlsError::NoPeerCertificate)?;
+        PeerCertificate::from_der(leaf)
+    }
+}
+
 /// The agent id of a verified peer: the subject common name of its leaf
 /// certificate, which must be a valid id.
 ///
 /// Pass `ServerConnection::peer_certificates()`. The chain has already been
 /// verified against the CA by the handshake; this only reads it.
 pub fn agent_id_from_peer(certs: Option<&[CertificateDer<'_>]>) -> Result<String, TlsError> {
-    let leaf = certs
-        .and_then(|c| c.first())
-        .ok_or(TlsError::NoPeerCertificate)?;
-    let (_, x509) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
-    let mut names = x509.subject().iter_common_name();
-    let cn = names
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .ok_or(TlsError::NoCommonName)?;
-    // Two common names would make the identity ambiguous.
-    if names.next().is_some() {
-        return Err(TlsError::InvalidAgentId(cn.to_string()));
-    }
-    if !valid_id(cn) {
-        return Err(TlsError::InvalidAgentId(cn.to_string()));
-    }
-    Ok(cn.to_string())
+    PeerCertificate::from_peer(certs).map(|c| c.agent)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -281,8 +398,65 @@ mod tests {
         (server_result, client_result)
     }
 
+    fn no_revocations() -> Arc<Revocations> {
+        Arc::new(Revocations::empty(Path::new("/nonexistent/revoked.toml")))
+    }
+
     fn controller_config(p: &Pki) -> Arc<ServerConfig> {
-        server_config(&p.controller.ca, &p.controller.cert, &p.controller.key).unwrap()
+        server_config(
+            &p.controller.ca,
+            &p.controller.cert,
+            &p.controller.key,
+            no_revocations(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn revoked_agent_is_refused_with_certificate_revoked() {
+        use crate::revocation::RevocationTarget;
+        let p = make_pki();
+        let dir = tempfile::tempdir().unwrap();
+        let revocations = Arc::new(Revocations::load(&dir.path().join("revoked.toml")).unwrap());
+        let server = server_config(
+            &p.controller.ca,
+            &p.controller.cert,
+            &p.controller.key,
+            revocations.clone(),
+        )
+        .unwrap();
+        let target = RevocationTarget::new("agent-1", None, None).unwrap();
+        revocations
+            .edit(|l| l.revoke(&target, "stolen", "now"))
+            .unwrap();
+        let client = client_with_cert(&p.agent.ca, &p.agent);
+        let (server_result, client_result) = handshake(server.clone(), client.clone()).await;
+        let err = server_result.unwrap_err();
+        assert!(err.contains("Revoked"), "{err}");
+        let err = client_result.unwrap_err();
+        assert!(err.contains("CertificateRevoked"), "{err}");
+        // The list is read at every handshake: lifting the entry lets the
+        // same configuration accept the agent again.
+        revocations.edit(|l| Ok(l.unrevoke(&target))).unwrap();
+        let (server_result, client_result) = handshake(server, client).await;
+        assert_eq!(server_result, Ok("agent-1".to_string()));
+        assert_eq!(client_result, Ok(()));
+    }
+
+    #[test]
+    fn peer_certificate_has_the_fingerprint_and_serial_openssl_shows() {
+        let p = make_pki();
+        let der = load_certs(&p.agent.cert).unwrap().remove(0);
+        let c = PeerCertificate::from_der(&der).unwrap();
+        assert_eq!(c.agent, "agent-1");
+        assert_eq!(c.sha256.len(), 64);
+        assert!(c
+            .sha256
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let serial = x509.raw_serial_as_string().replace(':', "");
+        assert_eq!(c.serial, serial.trim_start_matches('0'));
     }
 
     #[tokio::test]
@@ -357,6 +531,8 @@ mod tests {
         let garbage = dir.path().join("garbage.pem");
         fs::write(&garbage, b"not pem at all\n").unwrap();
 
+        let server_config =
+            |ca: &Path, cert: &Path, key: &Path| server_config(ca, cert, key, no_revocations());
         let err = server_config(&missing, &p.controller.cert, &p.controller.key).unwrap_err();
         assert!(
             matches!(err, TlsError::Read { ref path, .. } if *path == missing),

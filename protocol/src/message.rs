@@ -387,6 +387,9 @@ pub enum ErrorCode {
     TargetUnwritable,
     /// A block re-read from a failback target does not match its digest.
     VerifyFailed,
+    /// The controller revoked the agent's certificate: it closes the
+    /// connection and refuses new ones until the entry is lifted.
+    Revoked,
     /// A code this version does not know.
     Unknown(u16),
 }
@@ -410,6 +413,7 @@ impl ErrorCode {
             ErrorCode::TargetRefused => 13,
             ErrorCode::TargetUnwritable => 14,
             ErrorCode::VerifyFailed => 15,
+            ErrorCode::Revoked => 16,
             ErrorCode::Unknown(c) => c,
         }
     }
@@ -432,6 +436,7 @@ impl ErrorCode {
             13 => ErrorCode::TargetRefused,
             14 => ErrorCode::TargetUnwritable,
             15 => ErrorCode::VerifyFailed,
+            16 => ErrorCode::Revoked,
             c => ErrorCode::Unknown(c),
         }
     }

@@ -655,3 +655,72 @@ pub fn last_point_bytes_read(log: &str, disk: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(u64::MAX)
 }
+
+// ---------------------------------------------------------------------------
+// Revocation (tests/tests/revocation.rs): signalling the controller and
+// waiting on log lines and on disconnection.
+// ---------------------------------------------------------------------------
+
+impl World {
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the running controller.
+    pub fn signal_controller(&self, signal: i32) -> Result<()> {
+        let child = self
+            .controller
+            .as_ref()
+            .context("the controller is not running")?;
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        if unsafe { libc::kill(child.id() as libc::pid_t, signal) } != 0 {
+            bail!(
+                "cannot signal the controller: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits up to `limit` until one line of log `name` contains every
+    /// needle; returns that line, or fails with the log.
+    pub fn wait_log_line(&self, name: &str, needles: &[&str], limit: Duration) -> Result<String> {
+        let mut found = None;
+        let waited = fs::wait_for(limit, &format!("{needles:?} in {name}"), || {
+            found = self
+                .log(name)
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .map(str::to_owned);
+            found.is_some()
+        });
+        match (waited, found) {
+            (Ok(()), Some(line)) => Ok(line),
+            (r, _) => Err(r
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("no line found"))
+                .context(format!("{name}:\n{}", self.log(name)))),
+        }
+    }
+
+    /// The controller's `agents` entry for `agent` (`Null` when not listed).
+    pub fn agent_entry(&self, agent: &str) -> Result<Value> {
+        let agents = self.admin(&["agents"])?;
+        Ok(agents
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["id"] == agent)
+            .cloned()
+            .unwrap_or(Value::Null))
+    }
+
+    /// Waits until the controller no longer lists `agent` as connected.
+    pub fn wait_disconnected(&self, agent: &str) -> Result<()> {
+        fs::wait_for(
+            Duration::from_secs(30),
+            &format!("agent {agent} to be disconnected"),
+            || {
+                self.agent_entry(agent)
+                    .is_ok_and(|a| a["connected"] != true)
+            },
+        )
+        .with_context(|| format!("controller log:\n{}", self.log("controller.log")))
+    }
+}

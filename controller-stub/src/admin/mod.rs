@@ -3,4 +3,5 @@
 //! (`routes`). `docs/operations.md` documents every route.
 
 pub mod http;
+pub mod revocations;
 pub mod routes;

@@ -15,6 +15,7 @@
 //! | GET  | `/v1/agents/{agent}/disks/{disk}/points` | committed points |
 //! | POST | `/v1/agents/{agent}/disks/{disk}/points/{point}/export` | export as a sparse raw image or a streamOptimized VMDK (`{"path": "..", "format": "raw" or "vmdk"}`, raw when absent) |
 //! | POST | `/v1/agents/{agent}/disks/{disk}/points/{point}/verify` | re-read and re-hash a point |
+//! | GET, POST | `/v1/revocations[/remove]` | the revocation list: list, revoke, lift (see [`super::revocations`]) |
 //!
 //! `{point}` is a number or `latest`.
 
@@ -200,6 +201,7 @@ pub async fn handle(ctl: Arc<Controller>, req: Request) -> Response {
             job.await
                 .unwrap_or_else(|e| Response::error(500, format!("admin task failed: {e}")))
         }
+        (_, ["v1", "revocations", ..]) => super::revocations::handle(ctl, req.clone()).await,
         _ => Response::error(404, format!("no route for {} {}", req.method, req.path)),
     }
 }
