@@ -132,9 +132,14 @@ async fn handle_connection(
     info!(agent = %agent_id, peer = %peer, software = link.agent_software(), "agent connected");
 
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(16);
+    // A peer that stops taking bytes (gone without a reset, or a proxy that
+    // half-closed) would block a write forever, and the connection task
+    // behind it would never see the agent's silence: a write that makes no
+    // progress for three heartbeats ends the connection, like silence does.
+    let stall = Duration::from_secs(ctl.cfg.listen.heartbeat_secs) * 3;
     let writer = tokio::spawn(async move {
         while let Some(bytes) = out_rx.recv().await {
-            wr.write_all(&bytes).await?;
+            write_with_progress(&mut wr, &bytes, stall).await?;
         }
         wr.shutdown().await
     });
@@ -197,7 +202,9 @@ async fn handle_connection(
     }
     drop(conn);
     drop(out_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), writer).await {
+        warn!(agent = %agent_id, error = %e, "writing to the agent failed");
+    }
     info!(agent = %agent_id, "agent disconnected");
     result
 }
@@ -273,6 +280,28 @@ async fn recv_reply(s: &mut Option<Attached>) -> Option<WriteReply> {
         Some(a) => a.replies.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Writes all of `bytes`, failing when no byte is taken for `stall`.
+async fn write_with_progress(
+    wr: &mut (impl AsyncWriteExt + Unpin),
+    mut bytes: &[u8],
+    stall: Duration,
+) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match tokio::time::timeout(stall, wr.write(bytes)).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => bytes = &bytes[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the agent took no byte for {}s", stall.as_secs()),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 impl AgentConn {

@@ -256,8 +256,11 @@ fn a_pass_cut_off_by_sigkill_resumes_without_rewriting_verified_blocks() -> Resu
     assert!(verified_before < total, "{s}");
     // Until the controller has seen the killed agent's connection close, it
     // still lists it as connected, with its targets: a pass requested then
-    // would go to the dead connection (this made the test flaky on a busy
-    // machine). Wait for it to be gone before the agent comes back.
+    // would go to the dead connection. (It once never saw it: the proxy
+    // half-closes without closing its socket, the controller's write into
+    // the full window blocked forever, and the task that would have noticed
+    // the silence waited behind it. Writes now time out like silence.) Wait
+    // for the old connection to be gone before the agent comes back.
     wait_for(
         Duration::from_secs(30),
         "the killed agent's connection to close",
