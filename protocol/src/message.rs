@@ -528,13 +528,13 @@ pub enum MessageError {
     #[error("unknown message kind {0:#04x}")]
     UnknownKind(u8),
     /// The body is malformed.
-    #[error("malformed {kind} message: {source}")]
+    #[error("malformed {kind} message: {cause}")]
     Body {
         /// Message name.
         kind: &'static str,
-        /// What was wrong.
-        #[source]
-        source: DecodeError,
+        /// What was wrong (in the message; not a `source`, so that an
+        /// error chain does not print it twice).
+        cause: DecodeError,
     },
 }
 
@@ -774,7 +774,7 @@ impl Message {
         let mut r = Reader::new(frame.body);
         let msg = decode_body(frame.kind, &mut r)
             .and_then(|m| r.finish().map(|()| m))
-            .map_err(|source| MessageError::Body { kind: name, source })?;
+            .map_err(|cause| MessageError::Body { kind: name, cause })?;
         Ok(msg)
     }
 }

@@ -50,31 +50,31 @@ pub enum NotifyError {
     },
     /// The address could not be made into a Unix socket address (too long,
     /// or it contains a NUL byte).
-    #[error("NOTIFY_SOCKET {socket:?} is not a usable Unix socket address: {source}")]
+    #[error("NOTIFY_SOCKET {socket:?} is not a usable Unix socket address: {cause}")]
     Address {
         /// The value of `NOTIFY_SOCKET`.
         socket: String,
         /// The underlying error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The unbound datagram socket to send from could not be created.
-    #[error("cannot create a datagram socket to notify {socket:?}: {source}")]
+    #[error("cannot create a datagram socket to notify {socket:?}: {cause}")]
     Socket {
         /// The value of `NOTIFY_SOCKET`.
         socket: String,
         /// The underlying error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The datagram could not be sent (systemd gone, queue full past the
     /// send timeout, permission denied).
-    #[error("cannot send {state:?} to NOTIFY_SOCKET {socket:?}: {source}")]
+    #[error("cannot send {state:?} to NOTIFY_SOCKET {socket:?}: {cause}")]
     Send {
         /// The value of `NOTIFY_SOCKET`.
         socket: String,
         /// The first assignment of the notification, to say which one failed.
         state: String,
         /// The underlying error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The notification is longer than systemd accepts.
     #[error("notification of {len} bytes exceeds the {max}-byte datagram systemd accepts")]
@@ -138,15 +138,15 @@ impl Notifier {
             Some(b'/') => SocketAddr::from_pathname(socket),
             _ => return Err(NotifyError::UnsupportedAddress { socket: name }),
         }
-        .map_err(|source| NotifyError::Address {
+        .map_err(|cause| NotifyError::Address {
             socket: name.clone(),
-            source,
+            cause,
         })?;
         let sender = UnixDatagram::unbound()
             .and_then(|s| s.set_write_timeout(Some(SEND_TIMEOUT)).map(|()| s))
-            .map_err(|source| NotifyError::Socket {
+            .map_err(|cause| NotifyError::Socket {
                 socket: name.clone(),
-                source,
+                cause,
             })?;
         Ok(Notifier {
             target: Some(Target {
@@ -196,10 +196,10 @@ impl Notifier {
                 max: NOTIFY_MAX_BYTES,
             });
         }
-        let send_error = |source| NotifyError::Send {
+        let send_error = |cause| NotifyError::Send {
             socket: target.name.clone(),
             state: state.lines().next().unwrap_or_default().to_owned(),
-            source,
+            cause,
         };
         loop {
             match target.socket.send_to_addr(state.as_bytes(), &target.addr) {

@@ -69,12 +69,12 @@ pub const DEFAULT_QUEUE: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum GelfError {
     /// The log server's address did not resolve.
-    #[error("cannot resolve GELF address {address}: {source}")]
+    #[error("cannot resolve GELF address {address}: {cause}")]
     Resolve {
         /// The address as configured.
         address: String,
         /// Resolver error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The log server's address resolved to no socket address.
     #[error("GELF address {address} resolved to no socket address")]
@@ -101,12 +101,12 @@ pub enum GelfError {
     #[error("GELF host field must not be empty")]
     EmptyHost,
     /// The local UDP socket could not be opened.
-    #[error("cannot open a UDP socket to send GELF to {address}: {source}")]
+    #[error("cannot open a UDP socket to send GELF to {address}: {cause}")]
     Bind {
         /// The log server's address.
         address: SocketAddr,
         /// Socket error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The sender thread could not be started.
     #[error("cannot start the GELF sender thread: {0}")]
@@ -126,14 +126,14 @@ pub enum GelfError {
     Encode(#[source] serde_json::Error),
     /// Compression failed.
     #[error("cannot compress a GELF message: {0}")]
-    Compress(#[source] io::Error),
+    Compress(io::Error),
     /// Writing a datagram failed.
-    #[error("cannot send GELF to {address}: {source}")]
+    #[error("cannot send GELF to {address}: {cause}")]
     Send {
         /// The log server's address.
         address: SocketAddr,
         /// Socket error.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -212,9 +212,9 @@ fn with_default_port(address: &str) -> String {
 fn resolve(address: &str) -> Result<SocketAddr, GelfError> {
     let mut addrs = with_default_port(address)
         .to_socket_addrs()
-        .map_err(|source| GelfError::Resolve {
+        .map_err(|cause| GelfError::Resolve {
             address: address.to_owned(),
-            source,
+            cause,
         })?;
     addrs.next().ok_or_else(|| GelfError::NoAddress {
         address: address.to_owned(),
@@ -276,9 +276,9 @@ impl GelfLayer {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let socket = UdpSocket::bind(local).map_err(|source| GelfError::Bind {
+        let socket = UdpSocket::bind(local).map_err(|cause| GelfError::Bind {
             address: target,
-            source,
+            cause,
         })?;
         let static_fields: Vec<(String, Value)> = cfg
             .static_fields

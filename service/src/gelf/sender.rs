@@ -129,9 +129,9 @@ impl Sender {
         for datagram in &datagrams {
             self.socket
                 .send_to(datagram, self.settings.target)
-                .map_err(|source| GelfError::Send {
+                .map_err(|cause| GelfError::Send {
                     address: self.settings.target,
-                    source,
+                    cause,
                 })?;
         }
         Ok(())
