@@ -340,13 +340,11 @@ impl Store {
         raw_len: u32,
         payload: &[u8],
     ) -> Result<PutOutcome, StoreError> {
-        let r = self.append_verified(digest, encoding, raw_len, payload);
-        if let Err(e) = &r {
-            self.note_full(e);
-        }
-        r
+        self.append_verified(digest, encoding, raw_len, payload)
+            .inspect_err(|e| self.note_full(e))
     }
 
+    /// [`Store::store_verified`] before a full file system is noted.
     fn append_verified(
         &self,
         digest: &Digest,
