@@ -39,6 +39,7 @@
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -496,7 +497,30 @@ fn open_extent(
         extent: extent.clone(),
         cause: source,
     };
-    let file = File::open(&extent).map_err(missing)?;
+    // A relative name can still leave the directory through a symbolic
+    // link (`evil-flat.vmdk -> /etc/passwd`, or a linked subdirectory):
+    // what it resolves to must be inside the descriptor's directory too.
+    // The resolved path is opened without following a link in its last
+    // component, so a link swapped in meanwhile is refused, not followed.
+    let resolved = extent.canonicalize().map_err(missing)?;
+    let root = dir.canonicalize().map_err(missing)?;
+    if !resolved.starts_with(&root) {
+        return Err(VmdkError::Descriptor {
+            path: descriptor.to_owned(),
+            line: line.line,
+            defect: format!(
+                "extent file {:?} leads to {} through a symbolic link, outside the descriptor's directory {}",
+                name,
+                resolved.display(),
+                root.display()
+            ),
+        });
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&resolved)
+        .map_err(missing)?;
     let meta = file.metadata().map_err(missing)?;
     if !meta.is_file() {
         return Err(VmdkError::Corrupt {

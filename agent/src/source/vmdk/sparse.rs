@@ -29,7 +29,9 @@
 //! overlap neither each other, the header nor the embedded descriptor;
 //! every uncompressed grain must lie inside the file and overlap none of
 //! that metadata. All tables are read at open and kept in memory: their
-//! total size is bounded by the file's size, and by [`MAX_TABLE_BYTES`].
+//! total size is bounded by the file's size (not by a fixed cap, so that
+//! any capacity up to [`MAX_CAPACITY`] opens), and an all-zero table is
+//! kept as absent.
 //!
 //! Compressed grains (`streamOptimized`) start at their table entry's sector
 //! with a grain marker: `lba: u64` (the grain's first disk sector, checked),
@@ -62,8 +64,6 @@ const GTES_PER_GT: u64 = 512;
 pub(super) const MAX_GRAIN_SECTORS: u64 = 2048;
 /// Largest disk or extent accepted, in bytes (VMDK's limit is 62 TiB).
 pub(super) const MAX_CAPACITY: u64 = 64 << 40;
-/// Largest grain directory plus tables accepted, in bytes.
-pub(super) const MAX_TABLE_BYTES: u64 = 256 << 20;
 /// Largest embedded descriptor read, in bytes.
 const MAX_EMBEDDED_DESCRIPTOR: u64 = 1 << 20;
 
@@ -246,14 +246,10 @@ impl SparseExtent {
         let grain = header.grain_sectors * 512;
         let grains = capacity.div_ceil(grain);
         let gd_entries = grains.div_ceil(GTES_PER_GT);
-        // Bounded by MAX_CAPACITY / 512 entries, so no overflow.
-        let table_bytes = gd_entries * 4 + gd_entries * GTES_PER_GT * 4;
-        if table_bytes > MAX_TABLE_BYTES {
-            return Err(corrupt(format!(
-                "grain tables for {} sectors in grains of {} would take {table_bytes} bytes, more than {MAX_TABLE_BYTES}",
-                header.capacity, header.grain_sectors
-            )));
-        }
+        // No fixed cap on the tables: the directory and every table must
+        // lie inside the file without overlapping (checked below, before
+        // anything is allocated for them), which bounds them by the file's
+        // real size whatever capacity the header declares.
         let region_in_file = |start_sector: u64, len: u64, what: &'static str| {
             let start = start_sector
                 .checked_mul(512)
@@ -291,7 +287,7 @@ impl SparseExtent {
         }
 
         let gd = region_in_file(header.gd_offset, gd_entries * 4, "grain directory")?;
-        // At most MAX_TABLE_BYTES and inside the file.
+        // Inside the file, so at most its size.
         let mut gd_bytes = vec![0u8; (gd_entries * 4) as usize];
         file.read_exact_at(path, &mut gd_bytes, gd.start)?;
         regions.push(gd);
@@ -327,6 +323,12 @@ impl SparseExtent {
                 continue;
             }
             file.read_exact_at(path, &mut buf, u64::from(gt) * 512)?;
+            if buf.iter().all(|&b| b == 0) {
+                // qemu writes every table, empty or not: an empty one is
+                // kept as absent, so memory follows the allocated grains.
+                tables.push(None);
+                continue;
+            }
             let table: Box<[u32]> = buf.chunks_exact(4).map(|e| u32_at(e, 0)).collect();
             tables.push(Some(table));
         }

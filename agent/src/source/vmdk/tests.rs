@@ -440,7 +440,8 @@ fn corrupt_sparse_headers_and_tables_are_refused() {
                 sparse_header_patch(p, 12, &(1u64 << 36).to_le_bytes());
                 sparse_header_patch(p, 20, &8u64.to_le_bytes());
             }),
-            "would take",
+            // Checked against the file's real size, not a fixed cap.
+            "grain directory at sector",
         ),
         (
             "gdout.vmdk",
@@ -664,6 +665,70 @@ fn descriptor_problems_name_the_file() {
     assert_err(&big, "not a VMDK file");
     assert!(VmdkDisk::open(d).is_err());
     assert_err(&d.join("nothing-here.vmdk"), "cannot open");
+}
+
+#[test]
+fn an_extent_that_leaves_the_directory_through_a_link_is_refused() {
+    let (dir, _raw, _vmdk) = converted("monolithicFlat");
+    let d = dir.path();
+    let flat = "monolithicFlat-flat.vmdk";
+    let sectors = std::fs::metadata(d.join(flat)).unwrap().len() / 512;
+    // A file outside, reached through a link to it and through a linked
+    // directory.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::copy(d.join(flat), outside.path().join(flat)).unwrap();
+    std::os::unix::fs::symlink(outside.path().join(flat), d.join("evil-flat.vmdk")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), d.join("sub")).unwrap();
+    for (name, extent) in [
+        ("evil.vmdk", "evil-flat.vmdk"),
+        ("subdir.vmdk", "sub/monolithicFlat-flat.vmdk"),
+    ] {
+        let p = write_descriptor(
+            d,
+            name,
+            &format!("createType=\"monolithicFlat\"\nRW {sectors} FLAT \"{extent}\" 0\n"),
+        );
+        let msg = open_err(&p);
+        assert!(
+            msg.contains(name)
+                && msg.contains(extent)
+                && msg.contains("outside the descriptor's directory"),
+            "{msg}"
+        );
+    }
+    // A link that stays inside is followed.
+    std::os::unix::fs::symlink(flat, d.join("alias-flat.vmdk")).unwrap();
+    let p = write_descriptor(
+        d,
+        "alias.vmdk",
+        &format!("createType=\"monolithicFlat\"\nRW {sectors} FLAT \"alias-flat.vmdk\" 0\n"),
+    );
+    VmdkDisk::open(&p).unwrap();
+}
+
+#[test]
+fn multi_terabyte_sparse_disks_open() {
+    // A 5 TiB disk as VMware hands them out: its grain tables alone would
+    // be 320 MiB, more than the fixed cap this reader used to have.
+    let dir = tempfile::tempdir().unwrap();
+    for subformat in ["streamOptimized", "monolithicSparse"] {
+        let p = dir.path().join(format!("{subformat}.vmdk"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            &format!("subformat={subformat}"),
+            p.to_str().unwrap(),
+            "5T",
+        ]);
+        let disk = VmdkDisk::open(&p).unwrap();
+        assert_eq!(disk.size(), 5 << 40, "{subformat}");
+        let mut buf = vec![1u8; 4096];
+        disk.read_exact_at(&mut buf, (5 << 40) - 4096).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "{subformat}");
+    }
 }
 
 #[test]
