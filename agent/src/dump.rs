@@ -49,11 +49,20 @@ pub fn dump(source: &dyn DiskSource, out: &Path, threads: usize) -> std::io::Res
                         return;
                     }
                     let end = (start + CHUNK).min(size);
-                    if let Err(e) = copy_chunk(source, &file, start, end, &mut buf, &read) {
-                        if let Ok(mut f) = failure.lock() {
-                            f.get_or_insert(e);
+                    match copy_chunk(source, &file, start, end, &mut buf, &read) {
+                        // A hole past this chunk: every worker skips to the
+                        // chunk holding the next data, so a sparse disk
+                        // costs its data, not its size.
+                        Ok(Some(data)) => {
+                            next.fetch_max(data - data % CHUNK, Ordering::Relaxed);
                         }
-                        return;
+                        Ok(None) => {}
+                        Err(e) => {
+                            if let Ok(mut f) = failure.lock() {
+                                f.get_or_insert(e);
+                            }
+                            return;
+                        }
                     }
                 }
             });
@@ -69,6 +78,9 @@ pub fn dump(source: &dyn DiskSource, out: &Path, threads: usize) -> std::io::Res
     })
 }
 
+/// Copies the data of `[start, end)`; returns where the next data after
+/// `end` starts, when the source says so on the way (`None`: not known, or
+/// no more data).
 fn copy_chunk(
     source: &dyn DiskSource,
     file: &std::fs::File,
@@ -76,14 +88,14 @@ fn copy_chunk(
     end: u64,
     buf: &mut [u8],
     read: &AtomicU64,
-) -> std::io::Result<()> {
+) -> std::io::Result<Option<u64>> {
     let mut pos = start;
     while pos < end {
         let Some((ds, de)) = source.next_data(pos).map_err(std::io::Error::other)? else {
-            return Ok(());
+            return Ok(None);
         };
         if ds >= end {
-            return Ok(());
+            return Ok(Some(ds));
         }
         let (s, e) = (ds.max(pos), de.min(end));
         if e > s {
@@ -99,7 +111,7 @@ fn copy_chunk(
         }
         pos = de.max(pos + 1);
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]
