@@ -12,12 +12,15 @@
 #                         [--json FILE] [--formats [--vmdk-gib N]]
 #                         [--consistency [--skip-tracked] [--skip-overhead]
 #                          [--skip-freeze] [--freeze-points N] [--fio-rounds N]]
+#        scripts/bench.sh --sparse [--runs N] [--workdir DIR] [--json FILE]
 #        scripts/bench.sh --failback [--size-gib N] [--block-size BYTES]
 #                         [--workdir DIR] [--keep] [--cache auto|cold|warm]
 #                         [--json FILE]
 # --consistency (root) runs bench/consistency.py: eBPF-tracked vs hash-scan
 # incrementals of a block device, the tracker's cost under fio, and freeze
 # windows under a sustained write load.
+# --sparse runs bench/sparse.py instead: dump of a 2 TiB sparse disk as two
+# VMDK layouts and through qemu-nbd, against qemu-img convert and nbdcopy.
 # --failback runs bench/failback.py instead: full and incremental (map and
 # --rescan) failback passes into an empty raw target, against zstd -d and
 # b3sum in the same run.
@@ -37,6 +40,11 @@ TARGET="$(cargo metadata --format-version 1 --no-deps --manifest-path "$ROOT/Car
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 
 for arg in "$@"; do
+  if [ "$arg" = "--sparse" ]; then
+    args=()
+    for a in "$@"; do [ "$a" = "--sparse" ] || args+=("$a"); done
+    exec python3 "$ROOT/bench/sparse.py" --bin-dir "$TARGET/release" "${args[@]}"
+  fi
   if [ "$arg" = "--failback" ]; then
     args=()
     for a in "$@"; do [ "$a" = "--failback" ] || args+=("$a"); done
