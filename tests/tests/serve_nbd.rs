@@ -33,18 +33,24 @@ fn disk(w: &World, file: &str) -> DiskSpec {
     }
 }
 
-/// A 4 MiB + 12 KiB image (a short last block): every third block zeros
-/// written out, blocks 40..48 a hole, the rest random.
+/// A 96 MiB + 12 KiB image (a short last block): in the first 4 MiB every
+/// third block zeros written out, blocks 40..48 a hole, the rest random;
+/// then a hole to the end (larger than the 32 MiB a reply may carry, so
+/// `nbdinfo --map` asks for more than one request's worth at once).
 fn make_test_image(path: &Path, seed: u64) -> Result<()> {
-    let size = (64 * BLOCK + 12 * 1024) as u64;
+    let size = (1536 * BLOCK + 12 * 1024) as u64;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut bytes = vec![0u8; size as usize];
     for (i, b) in bytes.chunks_mut(BLOCK).enumerate() {
-        if i % 3 != 0 && !(40..48).contains(&i) {
+        if i < 64 && i % 3 != 0 && !(40..48).contains(&i) {
             rng.fill_bytes(b);
         }
     }
-    std::fs::write(path, &bytes)?;
+    std::fs::write(path, &bytes[..64 * BLOCK])?;
+    std::fs::File::options()
+        .write(true)
+        .open(path)?
+        .set_len(size)?;
     Ok(())
 }
 

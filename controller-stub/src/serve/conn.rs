@@ -21,6 +21,8 @@ use super::nbd::{self, cmd, errno, Request};
 
 /// How long a client may take over the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most bytes one block status reply describes.
+const STATUS_SPAN: u32 = 1 << 30;
 /// Most options one handshake may send (a client looping on options is
 /// cut off).
 const MAX_OPTIONS: u32 = 64;
@@ -62,7 +64,12 @@ where
         if req.kind == cmd::DISC {
             return Ok(());
         }
-        answer(&mut stream, &image, negotiated, req).await?;
+        // A client that stops reading must not keep a stopped export's
+        // connection open: the stop also ends a reply in progress.
+        tokio::select! {
+            r = answer(&mut stream, &image, negotiated, req) => r?,
+            _ = stopped(&mut stop) => return Ok(()),
+        }
         stream.flush().await?;
     }
 }
@@ -139,12 +146,12 @@ async fn answer<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let in_range = req.length > 0
-        && req.length <= nbd::MAX_REQUEST_LEN
+    let inside = req.length > 0
         && req
             .offset
             .checked_add(u64::from(req.length))
             .is_some_and(|end| end <= image.size());
+    let in_range = inside && req.length <= nbd::MAX_REQUEST_LEN;
     match req.kind {
         cmd::READ if !in_range => fail(stream, neg, req, errno::EINVAL, "read out of range").await,
         cmd::READ if neg.structured => read_structured(stream, image, req).await,
@@ -159,12 +166,16 @@ where
             )
             .await
         }
-        cmd::BLOCK_STATUS if !in_range => {
+        cmd::BLOCK_STATUS if !inside => {
             fail(stream, neg, req, errno::EINVAL, "block status out of range").await
         }
         cmd::BLOCK_STATUS => {
+            // Clients ask for large ranges (nbdinfo --map: up to 4 GiB);
+            // the spec lets the reply cover less, so it covers at most
+            // STATUS_SPAN, which bounds the work and the reply's size.
+            let span = req.length.min(STATUS_SPAN);
             let mut extents: Vec<(u32, u32)> = image
-                .allocation(req.offset, req.length)
+                .allocation(req.offset, span)
                 .into_iter()
                 .map(|(len, zero)| {
                     let flags = if zero {

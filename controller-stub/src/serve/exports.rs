@@ -26,6 +26,10 @@ use super::image::PointImage;
 use crate::registry::unix_now;
 use crate::store::{PointId, Store, StoreError};
 
+/// Most connections one export serves at once (clients open a few each
+/// for multi-conn); more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// Longest TTL accepted (30 days).
 pub const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 
@@ -267,6 +271,10 @@ async fn accept_loop(
     loop {
         tokio::select! {
             r = listener.accept() => match r {
+                Ok((stream, _)) if connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS => {
+                    tracing::warn!(export = id, limit = MAX_CONNECTIONS, "NBD connection refused: too many connections");
+                    drop(stream);
+                }
                 Ok((stream, _)) => {
                     let (image, description, stop) = (image.clone(), description.clone(), conn_stop.clone());
                     let connections = connections.clone();
