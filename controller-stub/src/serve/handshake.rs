@@ -270,4 +270,37 @@ mod tests {
         }
         assert!(matches!(h.option(opt::ABORT, &[]), Next::Close(_)));
     }
+
+    proptest::proptest! {
+        /// Whatever a client sends, the answer is a sequence of well-formed
+        /// option replies for that option (or the export-name reply).
+        #[test]
+        fn any_option_gets_well_formed_replies(
+            structured: bool,
+            option in 0u32..16,
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let mut h = hs();
+            if structured {
+                h.option(opt::STRUCTURED_REPLY, &[]);
+            }
+            let out = match h.option(option, &data) {
+                Next::Reply(o) | Next::Transmit(o) | Next::Close(o) => o,
+            };
+            if option == opt::EXPORT_NAME {
+                proptest::prop_assert!(out.is_empty() || out.len() == 10);
+                return Ok(());
+            }
+            let mut rest = &out[..];
+            proptest::prop_assert!(!rest.is_empty());
+            while !rest.is_empty() {
+                proptest::prop_assert!(rest.len() >= 20);
+                proptest::prop_assert_eq!(&rest[..8], &nbd::OPT_REPLY_MAGIC.to_be_bytes()[..]);
+                proptest::prop_assert_eq!(&rest[8..12], &option.to_be_bytes()[..]);
+                let len = u32::from_be_bytes(rest[16..20].try_into().unwrap()) as usize;
+                proptest::prop_assert!(rest.len() >= 20 + len);
+                rest = &rest[20 + len..];
+            }
+        }
+    }
 }

@@ -167,13 +167,16 @@ impl PointImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
-    fn image(blocks: &[bool], disk_size: u64, bs: u32) -> (tempdir::Dir, PointImage) {
-        let dir = tempdir::Dir::new();
-        let store = Arc::new(Store::open(&dir.0).unwrap());
+    /// An image over an empty store whose block `i` is zero when
+    /// `zeros[i]`.
+    fn image(zeros: &[bool], disk_size: u64, bs: u32) -> (tempfile::TempDir, PointImage) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
         let g = Geometry::new(disk_size, bs);
         let zero = ZeroDigests::new(disk_size, bs);
-        let digests = blocks
+        let digests = zeros
             .iter()
             .enumerate()
             .map(|(i, &z)| {
@@ -190,67 +193,68 @@ mod tests {
         )
     }
 
-    mod tempdir {
-        pub struct Dir(pub std::path::PathBuf);
-        impl Dir {
-            pub fn new() -> Dir {
-                let p = std::env::temp_dir().join(format!(
-                    "tideline-serve-image-{}-{}",
-                    std::process::id(),
-                    rand::random::<u64>()
-                ));
-                std::fs::create_dir_all(&p).unwrap();
-                Dir(p)
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-    }
-
     #[test]
     fn segments_merge_zero_runs_and_split_data_blocks() {
         // Blocks: Z Z D D Z, 100-byte blocks, last one short (450 bytes).
         let (_d, img) = image(&[true, true, false, false, true], 450, 100);
+        let seg = |offset, len, block| Segment { offset, len, block };
         assert_eq!(
             img.segments(50, 400),
             vec![
-                Segment {
-                    offset: 50,
-                    len: 150,
-                    block: None
-                },
-                Segment {
-                    offset: 200,
-                    len: 100,
-                    block: Some((2, 0))
-                },
-                Segment {
-                    offset: 300,
-                    len: 100,
-                    block: Some((3, 0))
-                },
-                Segment {
-                    offset: 400,
-                    len: 50,
-                    block: None
-                },
+                seg(50, 150, None),
+                seg(200, 100, Some((2, 0))),
+                seg(300, 100, Some((3, 0))),
+                seg(400, 50, None),
             ]
         );
-        assert_eq!(
-            img.segments(250, 10),
-            vec![Segment {
-                offset: 250,
-                len: 10,
-                block: Some((2, 50))
-            }]
-        );
+        assert_eq!(img.segments(250, 10), vec![seg(250, 10, Some((2, 50)))]);
         assert_eq!(
             img.allocation(0, 450),
             vec![(200, true), (200, false), (50, true)]
         );
         assert_eq!(img.allocation(210, 100), vec![(100, false)]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Segments tile the range in order, a data segment lies inside
+        /// its block, no two zero segments touch, and the allocation runs
+        /// add up to the same length.
+        #[test]
+        fn segments_tile_the_range(
+            zeros in proptest::collection::vec(any::<bool>(), 1..40),
+            short in 0u64..100,
+            start in 0u64..4000,
+            len in 1u32..4000,
+        ) {
+            let size = zeros.len() as u64 * 100 - short.min(99);
+            let (_d, img) = image(&zeros, size, 100);
+            let offset = start % size;
+            let len = len.min((size - offset) as u32);
+            let segs = img.segments(offset, len);
+            let mut at = offset;
+            for (i, s) in segs.iter().enumerate() {
+                prop_assert_eq!(s.offset, at);
+                prop_assert!(s.len > 0);
+                match s.block {
+                    Some((b, within)) => {
+                        prop_assert!(!zeros[b as usize]);
+                        prop_assert_eq!(b * 100 + u64::from(within), s.offset);
+                        prop_assert!(u64::from(within) + u64::from(s.len) <= u64::from(img.geometry.block_len(b)));
+                    }
+                    None => {
+                        prop_assert!(i == 0 || segs[i - 1].block.is_some());
+                        for b in s.offset / 100..=(s.offset + u64::from(s.len) - 1) / 100 {
+                            prop_assert!(zeros[b as usize]);
+                        }
+                    }
+                }
+                at += u64::from(s.len);
+            }
+            prop_assert_eq!(at, offset + u64::from(len));
+            let total: u64 = img.allocation(offset, len).iter().map(|r| u64::from(r.0)).sum();
+            prop_assert_eq!(total, u64::from(len));
+        }
     }
 }
