@@ -147,7 +147,9 @@ impl Handshake {
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 let set = option == opt::SET_META_CONTEXT;
-                if !self.structured {
+                // Selecting needs structured replies (block status answers
+                // with them); listing does not.
+                if set && !self.structured {
                     return invalid("metadata contexts need structured replies first");
                 }
                 let req = match MetaContextRequest::parse(data) {
