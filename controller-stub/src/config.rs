@@ -62,6 +62,9 @@ pub struct ControllerConfig {
     /// Sync schedule and session policy.
     #[serde(default)]
     pub schedule: ScheduleSection,
+    /// Serving points over NBD.
+    #[serde(default)]
+    pub serve: ServeSection,
     /// Per-agent settings.
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentSection>,
@@ -130,6 +133,17 @@ impl Default for AdminSection {
             socket: default_admin_socket(),
         }
     }
+}
+
+/// `[serve]`: points served as NBD exports (`serve-point`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSection {
+    /// Directory of the exports' Unix sockets (created with mode 0700);
+    /// default `exports/` next to the admin socket.
+    pub dir: Option<PathBuf>,
+    /// TTL of an export when the request names none (default 3600).
+    pub ttl_secs: Option<u64>,
 }
 
 /// `[schedule]`
@@ -206,6 +220,7 @@ impl ControllerConfig {
         ]
         .into_iter()
         .chain(cfg.tls.revoked.as_mut())
+        .chain(cfg.serve.dir.as_mut())
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -227,6 +242,17 @@ impl ControllerConfig {
                 "listen.heartbeat_secs".into(),
                 "must be at least 1".into(),
             ));
+        }
+        if let Some(t) = cfg.serve.ttl_secs {
+            if t == 0 || t > crate::serve::exports::MAX_TTL_SECS {
+                return Err(bad(
+                    "serve.ttl_secs".into(),
+                    format!(
+                        "must be between 1 and {}",
+                        crate::serve::exports::MAX_TTL_SECS
+                    ),
+                ));
+            }
         }
         if let Err(e) = cfg.log.validate() {
             return Err(bad(e.key.into(), e.message));
@@ -250,6 +276,23 @@ impl ControllerConfig {
             .revoked
             .clone()
             .unwrap_or_else(|| self.store.dir.join(crate::revocation::DEFAULT_FILE_NAME))
+    }
+
+    /// Directory of the NBD export sockets: `[serve] dir`, else
+    /// `exports/` next to the admin socket.
+    pub fn serve_dir(&self) -> PathBuf {
+        self.serve.dir.clone().unwrap_or_else(|| {
+            self.admin
+                .socket
+                .parent()
+                .unwrap_or(Path::new("/run/tideline"))
+                .join("exports")
+        })
+    }
+
+    /// Default TTL of an NBD export.
+    pub fn serve_ttl_secs(&self) -> u64 {
+        self.serve.ttl_secs.unwrap_or(3600)
     }
 
     /// Scheduled interval for `agent`, if any.

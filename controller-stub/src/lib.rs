@@ -10,6 +10,7 @@ pub mod plan;
 pub mod registry;
 pub mod revocation;
 pub mod scheduler;
+pub mod serve;
 pub mod service;
 pub mod session;
 pub mod store;

@@ -164,6 +164,33 @@ enum Command {
     },
     /// List the revoked agents and certificates in force.
     Revoked,
+    /// Serve a point as a read-only NBD export on a Unix socket, until
+    /// `unserve` or its TTL ends (`serve` runs the daemon, hence the name).
+    /// Prints the socket and an `nbd+unix://` URI for nbdinfo, nbdcopy,
+    /// qemu-img.
+    ServePoint {
+        /// Agent id.
+        #[arg(long)]
+        agent: String,
+        /// Disk id.
+        #[arg(long)]
+        disk: String,
+        /// Point id or "latest".
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Seconds until the export closes (default: `[serve] ttl_secs`,
+        /// else 3600).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// List the live NBD exports.
+    Exports,
+    /// Stop an NBD export: its socket goes away and its clients are
+    /// disconnected.
+    Unserve {
+        /// Export id (from `serve-point` or `exports`).
+        id: u64,
+    },
     /// Re-read and re-hash everything a point references.
     Verify {
         /// Agent id.
@@ -379,6 +406,24 @@ fn real_main() -> Result<()> {
             "POST",
             "/v1/revocations/remove",
             Some(&json!({ "agent": agent, "serial": serial, "sha256": sha256 })),
+        )?),
+        Command::ServePoint {
+            agent,
+            disk,
+            point,
+            ttl,
+        } => print(admin(
+            &socket(),
+            "POST",
+            &format!("/v1/agents/{agent}/disks/{disk}/points/{point}/serve"),
+            Some(&json!({ "ttl_secs": ttl })),
+        )?),
+        Command::Exports => print(admin(&socket(), "GET", "/v1/exports", None)?),
+        Command::Unserve { id } => print(admin(
+            &socket(),
+            "DELETE",
+            &format!("/v1/exports/{id}"),
+            None,
         )?),
         Command::Revoked => print(admin(&socket(), "GET", "/v1/revocations", None)?),
         Command::Verify { agent, disk, point } => {
@@ -638,6 +683,9 @@ fn serve(cfg: ControllerConfig) -> Result<()> {
             .with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, "accepting agents");
         let ctl = Controller::new(cfg, store, revocations);
+        ctl.exports
+            .prepare_dir()
+            .with_context(|| format!("preparing NBD export directory {}", ctl.exports.dir().display()))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(link::serve_agents(ctl.clone(), listener, tls, stop_rx.clone()));
         tokio::spawn(scheduler::run(ctl.clone(), stop_rx.clone()));
@@ -693,6 +741,7 @@ fn serve(cfg: ControllerConfig) -> Result<()> {
         let _ = report.stopping();
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
+        ctl.exports.stop_all();
         tokio::time::sleep(Duration::from_millis(300)).await;
         if let Some(gelf) = &logging.gelf {
             gelf.flush(Duration::from_secs(2));

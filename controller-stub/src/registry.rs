@@ -131,6 +131,8 @@ pub struct Controller {
     pub store: Arc<Store>,
     /// The revocation list in force (also read by the TLS verifier).
     pub revocations: Arc<Revocations>,
+    /// Points served over NBD.
+    pub exports: Arc<crate::serve::Exports>,
     registry: Mutex<Registry>,
     next_id: AtomicU64,
 }
@@ -149,6 +151,7 @@ impl Controller {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(1);
         Arc::new(Controller {
+            exports: Arc::new(crate::serve::Exports::new(cfg.serve_dir())),
             cfg,
             store: Arc::new(store),
             revocations,

@@ -2,6 +2,7 @@
 //! socket (`http`), and the routes that map requests onto the controller
 //! (`routes`). `docs/operations.md` documents every route.
 
+pub mod exports;
 pub mod http;
 pub mod revocations;
 pub mod routes;

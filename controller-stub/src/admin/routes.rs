@@ -15,6 +15,8 @@
 //! | GET  | `/v1/agents/{agent}/disks/{disk}/points` | committed points |
 //! | POST | `/v1/agents/{agent}/disks/{disk}/points/{point}/export` | export as a sparse raw image or a streamOptimized VMDK (`{"path": "..", "format": "raw" or "vmdk"}`, raw when absent) |
 //! | POST | `/v1/agents/{agent}/disks/{disk}/points/{point}/verify` | re-read and re-hash a point |
+//! | POST | `/v1/agents/{agent}/disks/{disk}/points/{point}/serve` | serve as a read-only NBD export (see [`super::exports`]) |
+//! | GET, DELETE, POST | `/v1/exports[/{id}[/stop]]` | live NBD exports: list, stop (see [`super::exports`]) |
 //! | GET, POST | `/v1/revocations[/remove]` | the revocation list: list, revoke, lift (see [`super::revocations`]) |
 //!
 //! `{point}` is a number or `latest`.
@@ -201,6 +203,13 @@ pub async fn handle(ctl: Arc<Controller>, req: Request) -> Response {
             job.await
                 .unwrap_or_else(|e| Response::error(500, format!("admin task failed: {e}")))
         }
+        ("POST", ["v1", "agents", agent, "disks", disk, "points", point, "serve"]) => {
+            match resolve_point(&ctl, agent, disk, point) {
+                Ok(p) => super::exports::serve(ctl.clone(), agent, disk, p, &req.body).await,
+                Err(r) => r,
+            }
+        }
+        (_, ["v1", "exports", ..]) => super::exports::handle(&ctl, &req),
         (_, ["v1", "revocations", ..]) => super::revocations::handle(ctl, req.clone()).await,
         _ => Response::error(404, format!("no route for {} {}", req.method, req.path)),
     }
