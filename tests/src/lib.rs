@@ -724,3 +724,22 @@ impl World {
         .with_context(|| format!("controller log:\n{}", self.log("controller.log")))
     }
 }
+
+/// Offset and payload length of the record of chunk `digest` in the bytes
+/// of a controller pack file (records: 52-byte header with magic `TCHK`,
+/// stored length at 12, digest at 16; see controller-stub/src/store/pack.rs),
+/// for tests that damage one chunk on purpose.
+pub fn find_pack_record(pack: &[u8], digest: &[u8; 32]) -> Option<(usize, usize)> {
+    let mut at = 0usize;
+    while at + 52 <= pack.len() {
+        let stored = u32::from_le_bytes(pack[at + 12..at + 16].try_into().ok()?) as usize;
+        if &pack[at..at + 4] != b"TCHK" {
+            return None;
+        }
+        if pack[at + 16..at + 48] == digest[..] {
+            return Some((at, stored));
+        }
+        at += 52 + stored;
+    }
+    None
+}

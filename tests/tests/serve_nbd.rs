@@ -220,22 +220,6 @@ fn a_served_point_maps_copies_bit_for_bit_and_takes_several_clients() -> Result<
     Ok(())
 }
 
-/// Offset and payload length of the record of chunk `digest` in a pack.
-fn find_record(pack: &[u8], digest: &[u8; 32]) -> Option<(usize, usize)> {
-    let mut at = 0usize;
-    while at + 52 <= pack.len() {
-        let stored = u32::from_le_bytes(pack[at + 12..at + 16].try_into().ok()?) as usize;
-        if &pack[at..at + 4] != b"TCHK" {
-            return None;
-        }
-        if pack[at + 16..at + 48] == digest[..] {
-            return Some((at, stored));
-        }
-        at += 52 + stored;
-    }
-    None
-}
-
 #[test]
 fn a_corrupted_chunk_is_an_eio_on_exactly_its_block() -> Result<()> {
     let mut w = world_with_point("nb", 2)?;
@@ -258,7 +242,7 @@ fn a_corrupted_chunk_is_an_eio_on_exactly_its_block() -> Result<()> {
         .collect();
     assert_eq!(packs.len(), 1, "one pack expected: {packs:?}");
     let mut pack = std::fs::read(&packs[0])?;
-    let (at, stored) = find_record(&pack, &digest).context("victim chunk not in the pack")?;
+    let (at, stored) = find_pack_record(&pack, &digest).context("victim chunk not in the pack")?;
     pack[at + 52 + stored / 2] ^= 0x40;
     std::fs::write(&packs[0], &pack)?;
     w.start_controller()?;

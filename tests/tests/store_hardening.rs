@@ -44,22 +44,6 @@ fn block_digests(image: &Path) -> Result<HashMap<[u8; 32], u64>> {
         .collect())
 }
 
-/// Offset and payload length of the record of chunk `digest` in a pack.
-fn find_record(pack: &[u8], digest: &[u8; 32]) -> Option<(usize, usize)> {
-    let mut at = 0usize;
-    while at + 52 <= pack.len() {
-        let stored = u32::from_le_bytes(pack[at + 12..at + 16].try_into().ok()?) as usize;
-        if &pack[at..at + 4] != b"TCHK" {
-            return None;
-        }
-        if pack[at + 16..at + 48] == digest[..] {
-            return Some((at, stored));
-        }
-        at += 52 + stored;
-    }
-    None
-}
-
 /// The controller's metrics page.
 fn metrics(w: &World) -> Result<String> {
     let mut s = std::os::unix::net::UnixStream::connect(w.socket())?;
@@ -137,7 +121,8 @@ fn a_flipped_byte_in_the_newest_pack_costs_only_the_points_that_use_it() -> Resu
     assert_eq!(packs.len(), 1, "one pack expected: {packs:?}");
     let pack = &packs[0];
     let mut bytes = std::fs::read(pack)?;
-    let (offset, stored) = find_record(&bytes, &victim).context("victim chunk not in the pack")?;
+    let (offset, stored) =
+        find_pack_record(&bytes, &victim).context("victim chunk not in the pack")?;
     bytes[offset + 52 + stored / 2] ^= 0x40;
     std::fs::write(pack, &bytes)?;
     let pack_len = bytes.len() as u64;

@@ -151,16 +151,7 @@ impl PointImage {
                 block,
                 block_count: self.geometry.block_count,
             })?;
-        let bytes = self.store.read_chunk(digest)?;
-        let expected = self.geometry.block_len(block);
-        if bytes.len() != expected as usize {
-            return Err(StoreError::BlockLength {
-                block,
-                expected,
-                actual: bytes.len() as u32,
-            });
-        }
-        Ok(bytes)
+        self.store.read_block_chunk(&self.geometry, block, digest)
     }
 }
 

@@ -160,7 +160,7 @@ impl Store {
     }
 
     /// Reads data block `block` (digest `digest`) and checks its length.
-    fn read_block_chunk(
+    pub(crate) fn read_block_chunk(
         &self,
         g: &Geometry,
         block: u64,
