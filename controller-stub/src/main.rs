@@ -117,15 +117,8 @@ enum Command {
     },
     /// Export a point as a sparse raw image or a streamOptimized VMDK.
     Export {
-        /// Agent id.
-        #[arg(long)]
-        agent: String,
-        /// Disk id.
-        #[arg(long)]
-        disk: String,
-        /// Point id or "latest".
-        #[arg(long, default_value = "latest")]
-        point: String,
+        #[command(flatten)]
+        at: PointRef,
         /// Output file.
         #[arg(long)]
         out: PathBuf,
@@ -169,15 +162,8 @@ enum Command {
     /// Prints the socket and an `nbd+unix://` URI for nbdinfo, nbdcopy,
     /// qemu-img.
     ServePoint {
-        /// Agent id.
-        #[arg(long)]
-        agent: String,
-        /// Disk id.
-        #[arg(long)]
-        disk: String,
-        /// Point id or "latest".
-        #[arg(long, default_value = "latest")]
-        point: String,
+        #[command(flatten)]
+        at: PointRef,
         /// Seconds until the export closes (default: `[serve] ttl_secs`,
         /// else 3600).
         #[arg(long)]
@@ -193,16 +179,33 @@ enum Command {
     },
     /// Re-read and re-hash everything a point references.
     Verify {
-        /// Agent id.
-        #[arg(long)]
-        agent: String,
-        /// Disk id.
-        #[arg(long)]
-        disk: String,
-        /// Point id or "latest".
-        #[arg(long, default_value = "latest")]
-        point: String,
+        #[command(flatten)]
+        at: PointRef,
     },
+}
+
+/// The point a client command acts on.
+#[derive(clap::Args)]
+struct PointRef {
+    /// Agent id.
+    #[arg(long)]
+    agent: String,
+    /// Disk id.
+    #[arg(long)]
+    disk: String,
+    /// Point id or "latest".
+    #[arg(long, default_value = "latest")]
+    point: String,
+}
+
+impl PointRef {
+    /// The admin route of `action` on this point.
+    fn route(&self, action: &str) -> String {
+        format!(
+            "/v1/agents/{}/disks/{}/points/{}/{action}",
+            self.agent, self.disk, self.point
+        )
+    }
 }
 
 #[derive(Subcommand)]
@@ -369,19 +372,13 @@ fn real_main() -> Result<()> {
             &format!("/v1/agents/{agent}/disks/{disk}/points"),
             None,
         )?),
-        Command::Export {
-            agent,
-            disk,
-            point,
-            out,
-            format,
-        } => {
+        Command::Export { at, out, format } => {
             let out = std::path::absolute(out)
                 .with_context(|| format!("bad output path {}", out.display()))?;
             let r = admin(
                 &socket(),
                 "POST",
-                &format!("/v1/agents/{agent}/disks/{disk}/points/{point}/export"),
+                &at.route("export"),
                 Some(&json!({ "path": out, "format": format })),
             )?;
             print(r)
@@ -407,15 +404,10 @@ fn real_main() -> Result<()> {
             "/v1/revocations/remove",
             Some(&json!({ "agent": agent, "serial": serial, "sha256": sha256 })),
         )?),
-        Command::ServePoint {
-            agent,
-            disk,
-            point,
-            ttl,
-        } => print(admin(
+        Command::ServePoint { at, ttl } => print(admin(
             &socket(),
             "POST",
-            &format!("/v1/agents/{agent}/disks/{disk}/points/{point}/serve"),
+            &at.route("serve"),
             Some(&json!({ "ttl_secs": ttl })),
         )?),
         Command::Exports => print(admin(&socket(), "GET", "/v1/exports", None)?),
@@ -426,17 +418,17 @@ fn real_main() -> Result<()> {
             None,
         )?),
         Command::Revoked => print(admin(&socket(), "GET", "/v1/revocations", None)?),
-        Command::Verify { agent, disk, point } => {
-            let r = admin(
-                &socket(),
-                "POST",
-                &format!("/v1/agents/{agent}/disks/{disk}/points/{point}/verify"),
-                None,
-            )?;
+        Command::Verify { at } => {
+            let r = admin(&socket(), "POST", &at.route("verify"), None)?;
             let ok = r["ok"].as_bool().unwrap_or(false);
             print(r)?;
             if !ok {
-                bail!("point {point} of {agent}/{disk} failed verification");
+                bail!(
+                    "point {} of {}/{} failed verification",
+                    at.point,
+                    at.agent,
+                    at.disk
+                );
             }
             Ok(())
         }
