@@ -352,18 +352,17 @@ impl Store {
         raw_len: u32,
         payload: &[u8],
     ) -> Result<PutOutcome, StoreError> {
-        if lock(&self.state).catalogue.contains(digest) {
+        let mut st = lock(&self.state);
+        if st.catalogue.contains(digest) {
             return Ok(PutOutcome::Deduplicated);
         }
+        // A chunk already held is still deduplicated; only a new one needs
+        // room. (Lock order: state, then read_only.)
         if let Some(reason) = lock(&self.read_only).clone() {
             return Err(StoreError::ReadOnly {
                 root: self.root.clone(),
                 reason,
             });
-        }
-        let mut st = lock(&self.state);
-        if st.catalogue.contains(digest) {
-            return Ok(PutOutcome::Deduplicated);
         }
         if st
             .writer
